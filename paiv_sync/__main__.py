@@ -1,0 +1,3 @@
+from paiv_sync.cli import main
+
+raise SystemExit(main())
