@@ -1,0 +1,701 @@
+"""The ledger: a SQLite database (WAL) that remembers every file seen and where it stands.
+
+Nothing about a file lives only in RAM. Each row moves ``pending`` → ``uploading`` →
+``uploaded``, or ends ``duplicate`` or ``rejected`` (with a reason). A row is ``uploading`` only
+while its POST is in flight; rows found ``uploading`` at start-up are "in doubt" and are resolved
+against what the server holds before anything is sent again.
+
+One connection is shared by the service's threads behind a lock: every call is short (no network
+I/O happens while the lock is held), and SQLite serialises writers anyway.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+PENDING = "pending"
+UPLOADING = "uploading"
+UPLOADED = "uploaded"
+DUPLICATE = "duplicate"
+REJECTED = "rejected"
+STATES = (PENDING, UPLOADING, UPLOADED, DUPLICATE, REJECTED)
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS files (
+    id             INTEGER PRIMARY KEY,
+    root           TEXT    NOT NULL,
+    rel_path       TEXT    NOT NULL,
+    category       TEXT    NOT NULL,
+    upload_name    TEXT    NOT NULL,
+    size           INTEGER NOT NULL,
+    mtime_ns       INTEGER NOT NULL,
+    sha256         TEXT,
+    content_type   TEXT,
+    state          TEXT    NOT NULL,
+    reason         TEXT,
+    attempts       INTEGER NOT NULL DEFAULT 0,
+    batch_id       INTEGER,
+    server_file_id TEXT,
+    first_seen     REAL    NOT NULL,
+    updated        REAL    NOT NULL,
+    uploaded_at    REAL,
+    UNIQUE (root, rel_path)
+);
+CREATE INDEX IF NOT EXISTS files_by_state ON files (state, category);
+CREATE INDEX IF NOT EXISTS files_by_content ON files (category, sha256);
+CREATE TABLE IF NOT EXISTS batches (
+    id         INTEGER PRIMARY KEY,
+    category   TEXT NOT NULL,
+    dataset_id TEXT NOT NULL,
+    started    REAL NOT NULL,
+    finished   REAL,
+    outcome    TEXT
+);
+CREATE TABLE IF NOT EXISTS trainings (
+    id               INTEGER PRIMARY KEY,
+    name             TEXT NOT NULL UNIQUE,
+    model_name       TEXT NOT NULL,
+    dataset_id       TEXT NOT NULL,
+    pretrained_model TEXT,
+    task_id          TEXT,
+    state            TEXT NOT NULL,
+    reason           TEXT,
+    uploads_mark     INTEGER NOT NULL,
+    requested_at     REAL NOT NULL,
+    finished_at      REAL
+);
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+"""
+
+# Training states kept in the ledger. ``requesting`` means the POST /dltasks may or may not have
+# reached the server: it is resolved against the server's task list before anything else.
+REQUESTING = "requesting"
+TRAINING = "training"
+TRAINED = "trained"
+FAILED = "failed"
+
+
+class LedgerError(Exception):
+    """The ledger cannot be opened or used; the message says what to do."""
+
+
+class LedgerLocked(LedgerError):
+    """Another paiv-sync process holds the ledger."""
+
+
+@dataclass(frozen=True)
+class FileRow:
+    """One file as the ledger knows it."""
+
+    id: int
+    root: str
+    rel_path: str
+    category: str
+    upload_name: str
+    size: int
+    mtime_ns: int
+    sha256: str | None
+    content_type: str | None
+    state: str
+    reason: str | None
+    attempts: int
+    batch_id: int | None
+    server_file_id: str | None
+
+    @property
+    def path(self) -> Path:
+        """The file's absolute path on disk."""
+        return Path(self.root, self.rel_path)
+
+
+@dataclass(frozen=True)
+class TrainingRow:
+    """One training request this service made."""
+
+    id: int
+    name: str
+    model_name: str
+    dataset_id: str
+    pretrained_model: str | None
+    task_id: str | None
+    state: str
+    reason: str | None
+    uploads_mark: int
+    requested_at: float
+    finished_at: float | None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What ``Ledger.record`` did with a file."""
+
+    row: FileRow
+    new: bool  # a new file, or new content at a known path
+
+
+_FILE_COLUMNS = (
+    "id, root, rel_path, category, upload_name, size, mtime_ns, sha256, content_type, state, "
+    "reason, attempts, batch_id, server_file_id"
+)
+_TRAINING_COLUMNS = (
+    "id, name, model_name, dataset_id, pretrained_model, task_id, state, reason, uploads_mark, "
+    "requested_at, finished_at"
+)
+
+
+class Ledger:
+    """The SQLite ledger at ``path``, opened for exclusive use by this process.
+
+    Raises LedgerLocked when another process has it open, LedgerError when the file or its
+    folder cannot be created or read.
+    """
+
+    def __init__(
+        self, path: Path, *, clock: Callable[[], float] = time.time, readonly: bool = False
+    ) -> None:
+        self.path = path
+        self._clock = clock
+        self._lock = threading.RLock()
+        self._lock_file: Any = None
+        if readonly:
+            # For ``status`` while the service runs: no lock, no writes (WAL allows readers).
+            if not path.exists():
+                raise LedgerError(f"no ledger at {path}: the service has not run yet")
+            try:
+                self._db = sqlite3.connect(
+                    f"{path.resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False
+                )
+                self._db.execute("SELECT COUNT(*) FROM files").fetchone()
+            except sqlite3.DatabaseError as exc:
+                raise LedgerError(f"ledger {path} cannot be read: {exc}") from exc
+            return
+        self._lock_file = self._take_lock(path)
+        try:
+            self._db = sqlite3.connect(
+                str(path), check_same_thread=False, isolation_level=None, timeout=30
+            )
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # FULL: a state change that was committed survives a power cut, so an upload the
+            # server confirmed is never forgotten (and so never sent twice).
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+            self._check_version()
+        except sqlite3.DatabaseError as exc:
+            self._release_lock()
+            raise LedgerError(f"ledger {path} cannot be used: {exc}") from exc
+
+    # -- opening and closing -------------------------------------------------------------
+
+    @staticmethod
+    def _take_lock(path: Path) -> Any:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handle = Path(f"{path}.lock").open("a+")  # noqa: SIM115 - held for the ledger's life
+        except OSError as exc:
+            raise LedgerError(
+                f"cannot create the ledger at {path}: {exc.strerror or exc}; "
+                'set "ledger" in the configuration to a writable path'
+            ) from exc
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise LedgerLocked(
+                    f"ledger {path} is in use by another paiv-sync process (pid {holder}); "
+                    'run one instance per configuration, or give each its own "ledger"'
+                ) from exc
+            raise LedgerError(f"cannot lock the ledger {path}: {exc}") from exc
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        return handle
+
+    def _release_lock(self) -> None:
+        if self._lock_file is None:
+            return
+        with contextlib.suppress(OSError):
+            fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_UN)
+        self._lock_file.close()
+
+    def _check_version(self) -> None:
+        found = self.get_meta("schema_version")
+        if found is None:
+            self.set_meta("schema_version", str(SCHEMA_VERSION))
+        elif int(found) > SCHEMA_VERSION:
+            raise LedgerError(
+                f"ledger {self.path} was written by a newer paiv-sync (schema {found}); "
+                "upgrade paiv-sync"
+            )
+
+    def close(self) -> None:
+        """Close the database and release the lock."""
+        with self._lock:
+            self._db.close()
+            self._release_lock()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _query(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    # -- meta ----------------------------------------------------------------------------
+
+    def get_meta(self, key: str) -> str | None:
+        """The stored value for ``key``, or None."""
+        rows = self._query("SELECT value FROM meta WHERE key = ?", (key,))
+        return str(rows[0][0]) if rows else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        """Store ``value`` under ``key``."""
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO meta (key, value) VALUES (?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (key, value),
+            )
+
+    def uploads_total(self) -> int:
+        """How many files this ledger has ever seen confirmed by the server."""
+        return int(self.get_meta("uploads_total") or 0)
+
+    # -- files ---------------------------------------------------------------------------
+
+    def lookup(self, root: str, rel_path: str) -> FileRow | None:
+        """The row for ``root``/``rel_path``, or None if never seen."""
+        rows = self._query(
+            f"SELECT {_FILE_COLUMNS} FROM files WHERE root = ? AND rel_path = ?", (root, rel_path)
+        )
+        return FileRow(*rows[0]) if rows else None
+
+    def get(self, file_id: int) -> FileRow | None:
+        """The row with id ``file_id``, or None."""
+        rows = self._query(f"SELECT {_FILE_COLUMNS} FROM files WHERE id = ?", (file_id,))
+        return FileRow(*rows[0]) if rows else None
+
+    def stats_under(self, root: str) -> dict[str, tuple[int, int, str]]:
+        """``rel_path -> (size, mtime_ns, state)`` for every row under ``root``.
+
+        Used by the start-up scan to skip unchanged files without a query per file.
+        """
+        rows = self._query(
+            "SELECT rel_path, size, mtime_ns, state FROM files WHERE root = ?", (root,)
+        )
+        return {r[0]: (r[1], r[2], r[3]) for r in rows}
+
+    def record(
+        self,
+        *,
+        root: str,
+        rel_path: str,
+        category: str,
+        size: int,
+        mtime_ns: int,
+        sha256: str,
+        content_type: str,
+        skip_duplicates: bool,
+    ) -> Outcome:
+        """Record a complete, hashed file; return its row and whether it is new.
+
+        A known path with the same content only has its stat data refreshed (a ``touch`` or a
+        copy with new times is not a new image). A known path with new content becomes a new
+        ``pending`` image unless its previous POST is still in doubt. With ``skip_duplicates``,
+        content that the category already holds (uploaded or on its way) is recorded as
+        ``duplicate``.
+        """
+        now = self._clock()
+        with self._transaction() as db:
+            row = db.execute(
+                f"SELECT {_FILE_COLUMNS} FROM files WHERE root = ? AND rel_path = ?",
+                (root, rel_path),
+            ).fetchone()
+            old = FileRow(*row) if row else None
+            if old is not None and old.sha256 == sha256:
+                db.execute(
+                    "UPDATE files SET size = ?, mtime_ns = ?, updated = ? WHERE id = ?",
+                    (size, mtime_ns, now, old.id),
+                )
+                return Outcome(self._get_locked(old.id), new=False)
+            if old is not None and old.state == UPLOADING:
+                # New content while the old one's POST is in doubt: leave the row (and its stat
+                # data) alone, so the next scan sees the change again once the batch is settled.
+                return Outcome(old, new=False)
+            state, reason = PENDING, None
+            if skip_duplicates:
+                twin = db.execute(
+                    "SELECT rel_path FROM files WHERE category = ? AND sha256 = ? "
+                    "AND state IN (?, ?, ?) AND NOT (root = ? AND rel_path = ?) LIMIT 1",
+                    (category, sha256, PENDING, UPLOADING, UPLOADED, root, rel_path),
+                ).fetchone()
+                if twin is not None:
+                    state, reason = DUPLICATE, f"same content as {twin[0]}"
+            upload_name = Path(rel_path).name
+            if old is None:
+                cursor = db.execute(
+                    "INSERT INTO files (root, rel_path, category, upload_name, size, mtime_ns, "
+                    "sha256, content_type, state, reason, first_seen, updated) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        root,
+                        rel_path,
+                        category,
+                        upload_name,
+                        size,
+                        mtime_ns,
+                        sha256,
+                        content_type,
+                        state,
+                        reason,
+                        now,
+                        now,
+                    ),
+                )
+                file_id = int(cursor.lastrowid or 0)
+            else:
+                file_id = old.id
+                db.execute(
+                    "UPDATE files SET category = ?, upload_name = ?, size = ?, mtime_ns = ?, "
+                    "sha256 = ?, content_type = ?, state = ?, reason = ?, attempts = 0, "
+                    "batch_id = NULL, server_file_id = NULL, uploaded_at = NULL, updated = ? "
+                    "WHERE id = ?",
+                    (
+                        category,
+                        upload_name,
+                        size,
+                        mtime_ns,
+                        sha256,
+                        content_type,
+                        state,
+                        reason,
+                        now,
+                        file_id,
+                    ),
+                )
+            return Outcome(self._get_locked(file_id), new=True)
+
+    def reject(
+        self, *, root: str, rel_path: str, category: str, size: int, mtime_ns: int, reason: str
+    ) -> FileRow:
+        """Record a file that will not be uploaded (not an image, too large, …) with why."""
+        now = self._clock()
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO files (root, rel_path, category, upload_name, size, mtime_ns, state, "
+                "reason, first_seen, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (root, rel_path) DO UPDATE SET category = excluded.category, "
+                "size = excluded.size, mtime_ns = excluded.mtime_ns, sha256 = NULL, "
+                "state = excluded.state, reason = excluded.reason, updated = excluded.updated "
+                "WHERE files.state != ?",
+                (
+                    root,
+                    rel_path,
+                    category,
+                    Path(rel_path).name,
+                    size,
+                    mtime_ns,
+                    REJECTED,
+                    reason,
+                    now,
+                    now,
+                    UPLOADING,
+                ),
+            )
+            row = db.execute(
+                f"SELECT {_FILE_COLUMNS} FROM files WHERE root = ? AND rel_path = ?",
+                (root, rel_path),
+            ).fetchone()
+        return FileRow(*row)
+
+    def _get_locked(self, file_id: int) -> FileRow:
+        row = self._db.execute(f"SELECT {_FILE_COLUMNS} FROM files WHERE id = ?", (file_id,))
+        return FileRow(*row.fetchone())
+
+    def forget(self, file_id: int) -> bool:
+        """Drop a row that never reached the server (its file was deleted); True if dropped."""
+        with self._transaction() as db:
+            cursor = db.execute(
+                "DELETE FROM files WHERE id = ? AND state IN (?, ?)", (file_id, PENDING, REJECTED)
+            )
+            return cursor.rowcount > 0
+
+    def pending(self, category: str | None = None, limit: int | None = None) -> list[FileRow]:
+        """Rows waiting for upload, oldest first, optionally of one category."""
+        sql = f"SELECT {_FILE_COLUMNS} FROM files WHERE state = ?"
+        args: list[Any] = [PENDING]
+        if category is not None:
+            sql += " AND category = ?"
+            args.append(category)
+        sql += " ORDER BY id"
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(limit)
+        return [FileRow(*r) for r in self._query(sql, args)]
+
+    def pending_counts(self) -> dict[str, int]:
+        """``category -> number of pending files``."""
+        rows = self._query(
+            "SELECT category, COUNT(*) FROM files WHERE state = ? GROUP BY category", (PENDING,)
+        )
+        return {r[0]: int(r[1]) for r in rows}
+
+    def in_doubt(self) -> list[FileRow]:
+        """Rows whose POST was in flight when the service stopped: the server may hold them."""
+        rows = self._query(
+            f"SELECT {_FILE_COLUMNS} FROM files WHERE state = ? ORDER BY batch_id, id", (UPLOADING,)
+        )
+        return [FileRow(*r) for r in rows]
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """``category -> state -> count`` over every row."""
+        result: dict[str, dict[str, int]] = {}
+        for category, state, count in self._query(
+            "SELECT category, state, COUNT(*) FROM files GROUP BY category, state"
+        ):
+            result.setdefault(category, dict.fromkeys(STATES, 0))[state] = int(count)
+        return result
+
+    def rejected(self) -> list[FileRow]:
+        """Rows that will not be uploaded, with their reasons."""
+        rows = self._query(
+            f"SELECT {_FILE_COLUMNS} FROM files WHERE state = ? ORDER BY id", (REJECTED,)
+        )
+        return [FileRow(*r) for r in rows]
+
+    def uploaded_keys(self, category: str) -> dict[tuple[str, int], int]:
+        """``(upload_name, size) -> how many`` of this category's rows are ``uploaded``."""
+        rows = self._query(
+            "SELECT upload_name, size, COUNT(*) FROM files WHERE category = ? AND state = ? "
+            "GROUP BY upload_name, size",
+            (category, UPLOADED),
+        )
+        return {(r[0], int(r[1])): int(r[2]) for r in rows}
+
+    # -- batches -------------------------------------------------------------------------
+
+    def begin_batch(self, category: str, dataset_id: str, file_ids: Sequence[int]) -> int:
+        """Mark ``file_ids`` as ``uploading`` in a new batch; return the batch id.
+
+        Only rows still ``pending`` join; the caller reads the batch back with ``batch_rows``.
+        """
+        now = self._clock()
+        with self._transaction() as db:
+            cursor = db.execute(
+                "INSERT INTO batches (category, dataset_id, started) VALUES (?, ?, ?)",
+                (category, dataset_id, now),
+            )
+            batch_id = int(cursor.lastrowid or 0)
+            db.executemany(
+                "UPDATE files SET state = ?, batch_id = ?, attempts = attempts + 1, updated = ? "
+                "WHERE id = ? AND state = ?",
+                [(UPLOADING, batch_id, now, fid, PENDING) for fid in file_ids],
+            )
+        return batch_id
+
+    def batch_rows(self, batch_id: int) -> list[FileRow]:
+        """The rows still ``uploading`` in ``batch_id``."""
+        rows = self._query(
+            f"SELECT {_FILE_COLUMNS} FROM files WHERE batch_id = ? AND state = ? ORDER BY id",
+            (batch_id, UPLOADING),
+        )
+        return [FileRow(*r) for r in rows]
+
+    def mark_uploaded(self, results: Iterable[tuple[int, str | None]]) -> int:
+        """Rows the server confirmed: ``(file id, server file id or None)``; return how many."""
+        now = self._clock()
+        with self._transaction() as db:
+            changed = 0
+            for file_id, server_id in results:
+                cursor = db.execute(
+                    "UPDATE files SET state = ?, server_file_id = ?, uploaded_at = ?, "
+                    "reason = NULL, updated = ? WHERE id = ? AND state = ?",
+                    (UPLOADED, server_id, now, now, file_id, UPLOADING),
+                )
+                changed += cursor.rowcount
+            total = int(
+                (
+                    db.execute("SELECT value FROM meta WHERE key = 'uploads_total'").fetchone()
+                    or ("0",)
+                )[0]
+            )
+            db.execute(
+                "INSERT INTO meta (key, value) VALUES ('uploads_total', ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (str(total + changed),),
+            )
+        return changed
+
+    def mark_rejected(self, results: Iterable[tuple[int, str]]) -> None:
+        """Rows the server refused for good: ``(file id, the server's reason)``."""
+        now = self._clock()
+        with self._transaction() as db:
+            db.executemany(
+                "UPDATE files SET state = ?, reason = ?, updated = ? WHERE id = ? AND state = ?",
+                [(REJECTED, reason, now, fid, UPLOADING) for fid, reason in results],
+            )
+
+    def mark_duplicates(self, results: Iterable[tuple[int, str]]) -> None:
+        """Pending rows whose content the dataset already holds: ``(file id, why)``."""
+        now = self._clock()
+        with self._transaction() as db:
+            db.executemany(
+                "UPDATE files SET state = ?, reason = ?, updated = ? WHERE id = ? AND state = ?",
+                [(DUPLICATE, reason, now, fid, PENDING) for fid, reason in results],
+            )
+
+    def mark_pending(self, file_ids: Iterable[int], reason: str | None = None) -> None:
+        """Rows the server surely did not store go back to ``pending`` (to be sent again)."""
+        now = self._clock()
+        with self._transaction() as db:
+            db.executemany(
+                "UPDATE files SET state = ?, batch_id = NULL, reason = ?, updated = ? "
+                "WHERE id = ? AND state = ?",
+                [(PENDING, reason, now, fid, UPLOADING) for fid in file_ids],
+            )
+
+    def finish_batch(self, batch_id: int, outcome: str) -> None:
+        """Close ``batch_id`` with a one-word outcome."""
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE batches SET finished = ?, outcome = ? WHERE id = ?",
+                (self._clock(), outcome, batch_id),
+            )
+
+    def reset_for_new_dataset(self) -> int:
+        """Make every uploaded or duplicate row pending again; return how many.
+
+        Used when the dataset this ledger fed is gone or replaced: its files must go into the
+        new one.
+        """
+        now = self._clock()
+        with self._transaction() as db:
+            cursor = db.execute(
+                "UPDATE files SET state = ?, batch_id = NULL, server_file_id = NULL, "
+                "uploaded_at = NULL, reason = NULL, attempts = 0, updated = ? "
+                "WHERE state IN (?, ?, ?)",
+                (PENDING, now, UPLOADED, DUPLICATE, UPLOADING),
+            )
+            db.execute("DELETE FROM trainings WHERE state = ?", (REQUESTING,))
+            return cursor.rowcount
+
+    # -- trainings -----------------------------------------------------------------------
+
+    def uploads_since_last_training(self) -> int:
+        """Files confirmed uploaded since the last training request was made."""
+        rows = self._query("SELECT MAX(uploads_mark) FROM trainings")
+        mark = rows[0][0] if rows and rows[0][0] is not None else 0
+        return self.uploads_total() - int(mark)
+
+    def training_requested(
+        self, *, name: str, model_name: str, dataset_id: str, pretrained_model: str | None
+    ) -> TrainingRow:
+        """Record, before sending it, that a training request named ``name`` is being made."""
+        now = self._clock()
+        with self._transaction() as db:
+            total = int(
+                (
+                    db.execute("SELECT value FROM meta WHERE key = 'uploads_total'").fetchone()
+                    or ("0",)
+                )[0]
+            )
+            cursor = db.execute(
+                "INSERT INTO trainings (name, model_name, dataset_id, pretrained_model, state, "
+                "uploads_mark, requested_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (name, model_name, dataset_id, pretrained_model, REQUESTING, total, now),
+            )
+            training_id = int(cursor.lastrowid or 0)
+        row = self.training(training_id)
+        assert row is not None
+        return row
+
+    def training(self, training_id: int) -> TrainingRow | None:
+        """The training row with this id, or None."""
+        rows = self._query(
+            f"SELECT {_TRAINING_COLUMNS} FROM trainings WHERE id = ?", (training_id,)
+        )
+        return TrainingRow(*rows[0]) if rows else None
+
+    def training_started(self, training_id: int, task_id: str) -> None:
+        """The server accepted the request and named the task ``task_id``."""
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE trainings SET task_id = ?, state = ? WHERE id = ?",
+                (task_id, TRAINING, training_id),
+            )
+
+    def training_finished(self, training_id: int, state: str, reason: str | None = None) -> None:
+        """The task ended (``trained`` or ``failed``), or the request was refused."""
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE trainings SET state = ?, reason = ?, finished_at = ? WHERE id = ?",
+                (state, reason, self._clock(), training_id),
+            )
+
+    def training_withdrawn(self, training_id: int) -> None:
+        """A request that never reached the server: forget it, so its uploads count again."""
+        with self._transaction() as db:
+            db.execute(
+                "DELETE FROM trainings WHERE id = ? AND state = ?", (training_id, REQUESTING)
+            )
+
+    def open_trainings(self) -> list[TrainingRow]:
+        """Requests in doubt and tasks still training, oldest first."""
+        rows = self._query(
+            f"SELECT {_TRAINING_COLUMNS} FROM trainings WHERE state IN (?, ?) ORDER BY id",
+            (REQUESTING, TRAINING),
+        )
+        return [TrainingRow(*r) for r in rows]
+
+    def last_training(self) -> TrainingRow | None:
+        """The most recent training request, whatever its state."""
+        rows = self._query(f"SELECT {_TRAINING_COLUMNS} FROM trainings ORDER BY id DESC LIMIT 1")
+        return TrainingRow(*rows[0]) if rows else None
+
+    def last_trained_task(self, model_name: str, dataset_id: str | None = None) -> str | None:
+        """The task id of the newest ``trained`` model this service made for ``model_name``."""
+        sql = (
+            "SELECT task_id FROM trainings WHERE model_name = ? AND state = ? "
+            "AND task_id IS NOT NULL"
+        )
+        args: list[Any] = [model_name, TRAINED]
+        if dataset_id is not None:
+            sql += " AND dataset_id = ?"
+            args.append(dataset_id)
+        rows = self._query(sql + " ORDER BY id DESC LIMIT 1", args)
+        return str(rows[0][0]) if rows else None

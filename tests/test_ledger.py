@@ -1,0 +1,188 @@
+"""The ledger: states, batches, trainings, locking, persistence across reopen."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from paiv_sync import ledger as L
+from paiv_sync.ledger import Ledger, LedgerError, LedgerLocked
+
+
+def record(
+    led: Ledger,
+    rel: str,
+    sha: str,
+    *,
+    category: str = "forest",
+    dup: bool = True,
+    size: int = 10,
+    mtime: int = 1,
+) -> L.Outcome:
+    return led.record(
+        root="/r",
+        rel_path=rel,
+        category=category,
+        size=size,
+        mtime_ns=mtime,
+        sha256=sha,
+        content_type="image/png",
+        skip_duplicates=dup,
+    )
+
+
+@pytest.fixture
+def led(tmp_path: Path):
+    with Ledger(tmp_path / "state" / "ledger.sqlite3") as opened:
+        yield opened
+
+
+def test_new_file_is_pending_and_known_content_is_not_new(led: Ledger) -> None:
+    first = record(led, "forest/a.png", "h1")
+    assert first.new and first.row.state == L.PENDING and first.row.upload_name == "a.png"
+    again = record(led, "forest/a.png", "h1", mtime=2)
+    assert not again.new and again.row.mtime_ns == 2
+    assert led.pending_counts() == {"forest": 1}
+
+
+def test_duplicate_content_in_same_category_only(led: Ledger) -> None:
+    record(led, "forest/a.png", "h1")
+    assert record(led, "forest/b.png", "h1").row.state == L.DUPLICATE
+    assert record(led, "city/c.png", "h1", category="city").row.state == L.PENDING
+    assert record(led, "forest/d.png", "h1", dup=False).row.state == L.PENDING
+
+
+def test_batch_lifecycle_counts_uploads(led: Ledger) -> None:
+    ids = [record(led, f"forest/{i}.png", f"h{i}").row.id for i in range(3)]
+    batch = led.begin_batch("forest", "ds1", ids)
+    rows = led.batch_rows(batch)
+    assert [r.state for r in rows] == [L.UPLOADING] * 3
+    assert [r.id for r in led.in_doubt()] == ids
+    # A second batch cannot take rows already in flight.
+    assert led.batch_rows(led.begin_batch("forest", "ds1", ids)) == []
+    assert led.mark_uploaded([(ids[0], "srv0"), (ids[1], None)]) == 2
+    led.mark_rejected([(ids[2], "server said no")])
+    assert led.uploads_total() == 2
+    assert led.counts()["forest"][L.UPLOADED] == 2
+    assert led.rejected()[0].reason == "server said no"
+    assert led.get(ids[0]) is not None and led.get(ids[0]).server_file_id == "srv0"  # type: ignore[union-attr]
+
+
+def test_mark_pending_returns_rows_and_forget_only_unsent(led: Ledger) -> None:
+    a = record(led, "forest/a.png", "h1").row
+    batch = led.begin_batch("forest", "ds", [a.id])
+    led.mark_pending([a.id], reason="server unreachable")
+    assert led.batch_rows(batch) == []
+    assert led.pending()[0].reason == "server unreachable"
+    led.begin_batch("forest", "ds", [a.id])
+    led.mark_uploaded([(a.id, "x")])
+    assert not led.forget(a.id)
+    b = record(led, "forest/b.png", "h2").row
+    assert led.forget(b.id)
+    assert led.lookup("/r", "forest/b.png") is None
+
+
+def test_new_content_after_upload_is_a_new_pending_image(led: Ledger) -> None:
+    a = record(led, "forest/a.png", "h1").row
+    led.begin_batch("forest", "ds", [a.id])
+    led.mark_uploaded([(a.id, "x")])
+    changed = record(led, "forest/a.png", "h2", mtime=5)
+    assert changed.new and changed.row.state == L.PENDING and changed.row.sha256 == "h2"
+
+
+def test_new_content_while_in_doubt_keeps_old_stat(led: Ledger) -> None:
+    a = record(led, "forest/a.png", "h1").row
+    led.begin_batch("forest", "ds", [a.id])
+    out = record(led, "forest/a.png", "h2", mtime=9)
+    assert not out.new
+    row = led.get(a.id)
+    assert row is not None and row.mtime_ns == 1 and row.state == L.UPLOADING
+
+
+def test_trainings_and_uploads_since(led: Ledger) -> None:
+    ids = [record(led, f"forest/{i}.png", f"h{i}").row.id for i in range(4)]
+    led.begin_batch("forest", "ds", ids)
+    led.mark_uploaded([(i, None) for i in ids[:3]])
+    assert led.uploads_since_last_training() == 3
+    t = led.training_requested(name="m-1", model_name="m", dataset_id="ds", pretrained_model=None)
+    assert t.state == L.REQUESTING and led.uploads_since_last_training() == 0
+    assert led.open_trainings() == [t]
+    led.training_started(t.id, "task1")
+    led.mark_uploaded([(ids[3], None)])
+    assert led.uploads_since_last_training() == 1
+    assert led.last_trained_task("m") is None
+    led.training_finished(t.id, L.TRAINED)
+    assert led.last_trained_task("m") == "task1"
+    assert led.last_trained_task("other") is None
+    t2 = led.training_requested(
+        name="m-2", model_name="m", dataset_id="ds", pretrained_model="task1"
+    )
+    led.training_withdrawn(t2.id)
+    assert led.uploads_since_last_training() == 1
+    last = led.last_training()
+    assert last is not None and last.name == "m-1"
+
+
+def test_state_survives_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "l.sqlite3"
+    with Ledger(path) as led:
+        a = record(led, "forest/a.png", "h1").row
+        led.begin_batch("forest", "ds", [a.id])
+        led.set_meta("dataset_id", "ds")
+    with Ledger(path) as led:
+        assert [r.rel_path for r in led.in_doubt()] == ["forest/a.png"]
+        assert led.get_meta("dataset_id") == "ds"
+        assert led.stats_under("/r") == {"forest/a.png": (10, 1, L.UPLOADING)}
+
+
+def test_reset_for_new_dataset(led: Ledger) -> None:
+    a = record(led, "forest/a.png", "h1").row
+    led.begin_batch("forest", "ds", [a.id])
+    led.mark_uploaded([(a.id, "x")])
+    assert led.reset_for_new_dataset() == 1
+    assert led.pending_counts() == {"forest": 1}
+
+
+def test_second_process_is_refused_with_a_clear_message(tmp_path: Path) -> None:
+    path = tmp_path / "l.sqlite3"
+    with Ledger(path):
+        code = (
+            "import sys\nfrom pathlib import Path\n"
+            "from paiv_sync.ledger import Ledger, LedgerLocked\n"
+            "try:\n    Ledger(Path(sys.argv[1]))\n"
+            "except LedgerLocked as e:\n    print(e)\n    sys.exit(3)\n"
+        )
+        proc = subprocess.run(
+            [sys.executable, "-c", code, str(path)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert proc.returncode == 3
+        assert "in use by another paiv-sync process" in proc.stdout
+    # Released on close: a new open works.
+    Ledger(path).close()
+
+
+def test_same_process_second_open_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "l.sqlite3"
+    with Ledger(path), pytest.raises(LedgerLocked):
+        Ledger(path)
+
+
+def test_unwritable_location_is_a_clear_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(LedgerError, match="cannot create the ledger"):
+        Ledger(blocker / "sub" / "l.sqlite3")
+
+
+def test_garbage_file_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "l.sqlite3"
+    path.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(LedgerError, match="cannot be used"):
+        Ledger(path)

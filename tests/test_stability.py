@@ -1,0 +1,77 @@
+"""The stability gate with a fake clock and a fake stat: no real waiting."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+from paiv_sync.stability import Settled, StabilityGate
+
+
+class FakeFs:
+    def __init__(self) -> None:
+        self.files: dict[str, tuple[int, int]] = {}
+
+    def stat(self, path: str) -> Any:
+        if path not in self.files:
+            raise FileNotFoundError(path)
+        size, mtime = self.files[path]
+        return SimpleNamespace(st_size=size, st_mtime_ns=mtime)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make() -> tuple[StabilityGate, FakeFs, FakeClock]:
+    fs, clock = FakeFs(), FakeClock()
+    return StabilityGate(2.0, clock, fs.stat), fs, clock
+
+
+def test_unchanged_file_settles_after_settle_time() -> None:
+    gate, fs, clock = make()
+    fs.files["a"] = (10, 1)
+    gate.offer("a", 10, 1)
+    clock.now = 1.9
+    assert gate.due() == []
+    clock.now = 2.0
+    assert gate.due() == [Settled("a", 10, 1)]
+    assert len(gate) == 0
+
+
+def test_growing_file_waits_until_it_stops() -> None:
+    gate, fs, clock = make()
+    fs.files["a"] = (10, 1)
+    gate.offer("a", 10, 1)
+    for step in range(1, 5):
+        clock.now = step * 2.0
+        fs.files["a"] = (10 + step, 1 + step)
+        assert gate.due() == []
+    clock.now = 9.9
+    assert gate.due() == []
+    clock.now = 10.0
+    assert gate.due() == [Settled("a", 14, 5)]
+
+
+def test_vanished_file_is_reported_gone() -> None:
+    gate, _fs, clock = make()
+    gone: list[str] = []
+    gate.offer("a", 1, 1)
+    clock.now = 3
+    assert gate.due(on_gone=gone.append) == []
+    assert gone == ["a"] and "a" not in gate
+
+
+def test_repeated_offers_do_not_restart_the_clock() -> None:
+    gate, fs, clock = make()
+    fs.files["a"] = (1, 1)
+    gate.offer("a", 1, 1)
+    clock.now = 1.5
+    gate.offer("a", 1, 1)
+    clock.now = 2.0
+    assert gate.due() == [Settled("a", 1, 1)]
+    assert gate.next_due() is None
