@@ -1,0 +1,1147 @@
+"""The MVI (PowerAI Vision / Maximo Visual Inspection) REST client.
+
+Follows docs/mvi-api.md. Every failure is turned into one of the exceptions below, whose
+message is a sentence a person can act on; callers choose what to do by the class:
+
+- ``TransientError``: may succeed later (server down, timeout, 429, 5xx, proxy error page);
+- ``AmbiguousError``: a ``TransientError`` after which the request MAY have been processed —
+  a non-idempotent request must not be sent again before checking what the server holds;
+- ``AuthError``, ``NotFoundError``, ``RequestError``, ``TlsError``: permanent until something
+  is changed by a person.
+
+Idempotent GETs are retried with the :mod:`paiv_sync.retry` policy; POSTs are resent only when
+the request provably was not processed (connection never established, 429, 401 followed by a
+new login). Passwords, tokens and API keys never appear in a log line or an exception.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import threading
+import time
+import warnings
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import requests
+import tenacity
+import urllib3
+from urllib3.fields import RequestField
+from urllib3.filepost import choose_boundary
+
+from paiv_sync._version import __version__
+from paiv_sync.retry import RetryPolicy, build_retrying, is_retryable
+
+__all__ = [
+    "AmbiguousError",
+    "AuthError",
+    "FileResult",
+    "MviClient",
+    "MviError",
+    "NotFoundError",
+    "RequestError",
+    "TlsError",
+    "TransientError",
+    "UploadPart",
+]
+
+_log = logging.getLogger(__name__)
+
+# Connecting should take milliseconds; a host that does not answer at all must not hold a
+# worker for the full read timeout, which has to cover the server storing a large batch.
+_MAX_CONNECT_TIMEOUT = 10.0
+_READ_CHUNK = 256 * 1024
+
+
+# --------------------------------------------------------------------------- exceptions
+
+
+class MviError(Exception):
+    """A call to the MVI server failed; the message says what happened and what to do.
+
+    ``status`` is the HTTP status when the server answered, ``fault`` the server's own
+    explanation when it gave one, ``reason`` a few words for log lines ("HTTP 503",
+    "connection refused").
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        fault: str | None = None,
+        reason: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.fault = fault
+        if reason is None:
+            reason = f"HTTP {status}" if status is not None else type(self).__name__
+        self.reason = reason
+
+
+class TransientError(MviError):
+    """May succeed later: connection refused/reset, timeout, 429, 5xx, a proxy's HTML page.
+
+    ``retry_after`` is the wait in seconds the server asked for (429 ``Retry-After``).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        fault: str | None = None,
+        reason: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message, status=status, fault=fault, reason=reason)
+        self.retry_after = retry_after
+
+
+class AmbiguousError(TransientError):
+    """The request MAY have been processed (answer lost, read timeout, 5xx on a POST).
+
+    Before sending a non-idempotent request again, look at what the server holds.
+    """
+
+
+class AuthError(MviError):
+    """Bad credentials, a revoked API key, or a 401 that survived a fresh login."""
+
+
+class NotFoundError(MviError):
+    """The server does not know the object (HTTP 404 NotFoundException), e.g. a deleted dataset."""
+
+
+class RequestError(MviError):
+    """The server refused the request for good (4xx, or ``"result": "fail"`` in a 200)."""
+
+
+class TlsError(MviError):
+    """The TLS connection could not be set up safely; the message says how to fix it."""
+
+
+class _Unauthorized(AuthError):
+    """HTTP 401 on one request; handled by logging in again (password mode)."""
+
+
+class _SourceError(Exception):
+    """A file could not be read, or changed size, while its bytes were being sent.
+
+    Carries the OSError for the caller. Deliberately not an OSError itself: urllib3 would
+    turn an OSError raised while sending into "connection aborted", indistinguishable from a
+    network failure after which the server may have processed the request.
+    """
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class UploadPart:
+    """One file to upload: where it is on disk, the name the server records, its MIME type."""
+
+    path: Path
+    name: str
+    content_type: str
+
+
+@dataclass(frozen=True)
+class FileResult:
+    """The server's verdict on one uploaded file.
+
+    ``file_id`` is the stored file's ``_id`` when ``ok``; ``fault`` the server's reason when not.
+    """
+
+    name: str
+    ok: bool
+    file_id: str | None
+    fault: str | None
+
+
+# --------------------------------------------------------------------------- multipart body
+
+
+class _MultipartBody:
+    """A ``multipart/form-data`` body streamed from disk, with its length known in advance.
+
+    Knowing the length lets requests send ``Content-Length`` instead of chunked encoding,
+    which some servers and proxies refuse. Each file is opened only while its bytes are
+    being read and closed right after; :meth:`close` closes one left open by a failed send.
+    Part headers are rendered by urllib3, which quotes file names the way browsers do.
+    """
+
+    def __init__(self, fields: Mapping[str, str], parts: Sequence[UploadPart]) -> None:
+        boundary = choose_boundary()
+        self.content_type = f"multipart/form-data; boundary={boundary}"
+        delimiter = f"--{boundary}\r\n".encode("ascii")
+        segments: list[bytes | tuple[Path, int]] = []
+        for name, value in fields.items():
+            field = RequestField(name=name, data=value)
+            field.make_multipart()
+            segments.append(
+                delimiter + field.render_headers().encode("utf-8") + value.encode("utf-8") + b"\r\n"
+            )
+        for part in parts:
+            field = RequestField(name="files", data=b"", filename=part.name)
+            field.make_multipart(content_type=part.content_type)
+            segments.append(delimiter + field.render_headers().encode("utf-8"))
+            segments.append((part.path, part.path.stat().st_size))
+            segments.append(b"\r\n")
+        segments.append(f"--{boundary}--\r\n".encode("ascii"))
+        self._length = sum(len(s) if isinstance(s, bytes) else s[1] for s in segments)
+        self._segments = deque(segments)
+        self._file: IO[bytes] | None = None
+        self._file_path: Path | None = None
+        self._file_size = 0
+        self._file_left = 0
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __iter__(self) -> Iterator[bytes]:
+        while chunk := self.read(_READ_CHUNK):
+            yield chunk
+
+    def read(self, size: int = -1) -> bytes:
+        """Return up to ``size`` bytes of the body (all that is left when negative)."""
+        wanted = self._length if size is None or size < 0 else size
+        out = bytearray()
+        while len(out) < wanted and (self._file is not None or self._segments):
+            if self._file is not None:
+                out += self._read_file(wanted - len(out))
+                continue
+            segment = self._segments.popleft()
+            if isinstance(segment, bytes):
+                take = wanted - len(out)
+                out += segment[:take]
+                if len(segment) > take:
+                    self._segments.appendleft(segment[take:])
+            else:
+                self._file_path, self._file_size = segment
+                self._file_left = self._file_size
+                try:
+                    self._file = self._file_path.open("rb")
+                except OSError as exc:
+                    raise _SourceError(exc) from exc
+        return bytes(out)
+
+    def _read_file(self, limit: int) -> bytes:
+        assert self._file is not None and self._file_path is not None
+        try:
+            data = self._file.read(min(limit, self._file_left)) if self._file_left else b""
+            self._file_left -= len(data)
+            # One byte more than announced means the file grew: sending a prefix of it
+            # would store a truncated image.
+            grew = self._file.read(1) if self._file_left == 0 else b""
+        except OSError as exc:
+            self._close_file()
+            raise _SourceError(exc) from exc
+        if self._file_left == 0:
+            self._close_file()
+            if grew:
+                raise _SourceError(
+                    OSError(f"{self._file_path} grew while it was being uploaded; upload abandoned")
+                )
+        elif not data:
+            self._close_file()
+            raise _SourceError(
+                OSError(
+                    f"{self._file_path} shrank while it was being uploaded "
+                    f"(expected {self._file_size} bytes); upload abandoned"
+                )
+            )
+        return data
+
+    def _close_file(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def close(self) -> None:
+        """Close the file being read, if any."""
+        self._close_file()
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _strip_userinfo(url: str) -> str:
+    """Return ``url`` without any ``user:password@`` part, for messages."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+
+
+def _exception_chain(exc: BaseException) -> Iterator[BaseException]:
+    """Yield ``exc`` and every exception it wraps (causes, contexts, urllib3 reasons, args)."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [exc]
+    while todo:
+        current = todo.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        for inner in (
+            current.__cause__,
+            current.__context__,
+            getattr(current, "reason", None),
+            *current.args,
+        ):
+            if isinstance(inner, BaseException):
+                todo.append(inner)
+
+
+def _os_reason(exc: BaseException) -> str | None:
+    """Return the operating system's words for a network failure ("connection refused")."""
+    for inner in _exception_chain(exc):
+        if isinstance(inner, OSError) and inner.strerror:
+            return inner.strerror.lower()
+    return None
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Parse a ``Retry-After`` header (seconds or an HTTP date) into seconds from now."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _body_kind(response: requests.Response) -> str:
+    """Describe a body that is not JSON: "HTML", "an empty body" or "a non-JSON body"."""
+    content_type = response.headers.get("Content-Type", "").lower()
+    head = response.content[:200].lstrip().lower()
+    if "html" in content_type or head.startswith((b"<!doctype html", b"<html")):
+        return "HTML"
+    if not head:
+        return "an empty body"
+    return "a non-JSON body"
+
+
+def _fault_of(body: object) -> str | None:
+    """Return the server's explanation from an error body, if it gave one."""
+    if isinstance(body, Mapping):
+        fault = body.get("fault")
+        if isinstance(fault, str) and fault:
+            return fault
+    return None
+
+
+def _list_of_dicts(body: object, what: str, where: str) -> list[dict[str, Any]]:
+    """Check that an answer is a JSON array of objects; return it.
+
+    Raises MviError when it is not (a server speaking another version of the API).
+    """
+    if not isinstance(body, list) or not all(isinstance(item, dict) for item in body):
+        raise MviError(
+            f"the server at {where} answered {what} with something other than a list of "
+            "objects; is the endpoint an MVI / PowerAI Vision API?"
+        )
+    return body
+
+
+def _string_field(body: object, key: str, what: str, where: str) -> str:
+    """Return ``body[key]`` when it is a non-empty string.
+
+    Raises AmbiguousError otherwise: the server said success, so the object was probably
+    created even though its id is missing.
+    """
+    value = body.get(key) if isinstance(body, Mapping) else None
+    if isinstance(value, (str, int)) and not isinstance(value, bool) and str(value):
+        return str(value)
+    raise AmbiguousError(
+        f"the server at {where} accepted {what} but did not return its {key}; "
+        "check on the server whether it was created",
+        reason=f"no {key} in the answer",
+    )
+
+
+def _is_safe_to_resend(exc: BaseException) -> bool:
+    """Retry a non-idempotent request only when it certainly was not processed."""
+    return is_retryable(exc) and not isinstance(exc, AmbiguousError)
+
+
+# --------------------------------------------------------------------------- client
+
+
+class MviClient:
+    """A client for one MVI server, shared by the service's threads.
+
+    Authenticates either with a user name and password (``POST /tokens``, renewed when a
+    request answers 401) or with an API key (MVI 8.x, sent as is). ``verify`` is True,
+    False (no certificate check — insecure) or the path of a CA bundle; ``timeout`` bounds
+    each read from the server in seconds; ``retry`` and ``stop_event`` govern how idempotent
+    calls are retried and when retrying ends.
+
+    Raises ValueError when the credentials are neither a user/password pair nor an API key,
+    and TlsError when ``verify`` names a file that does not exist.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        username: str | None = None,
+        password: str | None = None,
+        api_key: str | None = None,
+        verify: bool | str = True,
+        timeout: float = 30.0,
+        retry: RetryPolicy = RetryPolicy(),  # noqa: B008 - frozen dataclass, immutable
+        stop_event: threading.Event | None = None,
+    ) -> None:
+        if api_key and (username or password):
+            raise ValueError("give either a user name and password or an API key, not both")
+        if not api_key and not (username and password):
+            raise ValueError("give a user name and password, or an API key")
+        if timeout <= 0:
+            raise ValueError(f"timeout must be positive, got {timeout}")
+        self._base = base_url.rstrip("/")
+        self._where = _strip_userinfo(self._base)
+        self._host = urlsplit(self._base).netloc.rsplit("@", 1)[-1] or self._where
+        self._username = username
+        self._password = password
+        self._api_key = api_key or None
+        if isinstance(verify, str) and not Path(verify).is_file():
+            raise TlsError(
+                f"the CA bundle {verify!r} given as credentials.verify does not exist; "
+                "give the path of the server's CA certificate (PEM), or true, or false"
+            )
+        self._verify = verify
+        if verify is False:
+            _log.warning(
+                "TLS certificate verification is OFF for %s: the connection can be intercepted; "
+                "set credentials.verify to the server's CA bundle instead",
+                self._where,
+            )
+            # The user chose this explicitly and was told once above; urllib3 would otherwise
+            # repeat its warning on every single request for months.
+            warnings.filterwarnings("ignore", category=urllib3.exceptions.InsecureRequestWarning)
+        self._timeout = (min(timeout, _MAX_CONNECT_TIMEOUT), timeout)
+        self._retry = retry
+        self._stop = stop_event if stop_event is not None else threading.Event()
+        self._session = requests.Session()
+        self._session.headers["User-Agent"] = f"paiv-sync/{__version__}"
+        self._session.headers["Accept"] = "application/json"
+        self._token: str | None = self._api_key
+        self._auth_lock = threading.Lock()
+        self._category_lock = threading.Lock()
+        self._category_ids: dict[tuple[str, str], str] = {}
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def close(self) -> None:
+        """Close the HTTP connections; the client must not be used afterwards."""
+        self._session.close()
+
+    def __enter__(self) -> MviClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ authentication
+
+    def authenticate(self) -> None:
+        """Log in (password mode) or check the API key, with one attempt.
+
+        Raises AuthError when the credentials are refused, TlsError when the certificate
+        cannot be verified, TransientError when the server cannot be reached or fails.
+        """
+        if self._api_key is not None:
+            try:
+                self._request_once("GET", "/datasets", token=self._api_key, idempotent=True)
+            except _Unauthorized as exc:
+                raise self._api_key_rejected() from exc
+            _log.info("using an API key at %s", self._where)
+            return
+        with self._auth_lock:
+            self._login()
+        _log.info("authenticated as %s at %s", self._username, self._where)
+
+    def _login(self) -> str:
+        """POST /tokens and remember the token; the caller holds ``_auth_lock``.
+
+        Raises AuthError, TlsError, TransientError.
+        """
+        payload = {"grant_type": "password", "username": self._username, "password": self._password}
+        try:
+            body = self._request_once("POST", "/tokens", json=payload, idempotent=True)
+        except _Unauthorized as exc:
+            detail = f": {exc.fault}" if exc.fault else ""
+            raise AuthError(
+                f"the server at {self._where} refused the user name or password for user "
+                f"{self._username!r} (HTTP 401{detail}); check credentials.username and "
+                "credentials.password",
+                status=401,
+                fault=exc.fault,
+            ) from exc
+        except (NotFoundError, RequestError) as exc:
+            if exc.status != 404:
+                raise
+            raise AuthError(
+                f"the server at {self._where} has no /tokens endpoint (HTTP 404): either the "
+                "endpoint is wrong (it should end in the API's base path, e.g. /api) or this "
+                "is MVI 8.x or later, which accepts only API keys — create one in the MVI UI "
+                "and set credentials.api_key",
+                status=404,
+            ) from exc
+        token = body.get("token") if isinstance(body, Mapping) else None
+        if not isinstance(token, str) or not token:
+            raise AuthError(
+                f"the server at {self._where} accepted the login of {self._username!r} "
+                "but returned no token; is the endpoint an MVI / PowerAI Vision API?"
+            )
+        self._token = token
+        return token
+
+    def _current_token(self) -> str:
+        """Return the token to send, logging in first when there is none yet."""
+        with self._auth_lock:
+            if self._token is not None:
+                return self._token
+            token = self._login()
+        _log.info("authenticated as %s at %s", self._username, self._where)
+        return token
+
+    def _renew_token(self, refused: str) -> str:
+        """Log in again after ``refused`` was answered with 401; return the new token.
+
+        Several threads may see the same 401 at once: only the first logs in, the others
+        use the token it obtained.
+        """
+        with self._auth_lock:
+            if self._token is not None and self._token != refused:
+                return self._token
+            _log.info(
+                "the server at %s refused the session token (expired?); logging in again as %s",
+                self._where,
+                self._username,
+            )
+            return self._login()
+
+    def _api_key_rejected(self) -> AuthError:
+        return AuthError(
+            f"the API key was rejected (revoked?) by the server at {self._where} (HTTP 401); "
+            "create a new one in the MVI UI and set credentials.api_key",
+            status=401,
+        )
+
+    # ------------------------------------------------------------------ HTTP core
+
+    def _request_once(
+        self,
+        method: str,
+        path: str,
+        *,
+        token: str | None = None,
+        params: Mapping[str, str | int] | None = None,
+        json: object = None,
+        make_body: Callable[[], _MultipartBody] | None = None,
+        idempotent: bool,
+        missing: str | None = None,
+    ) -> Any:
+        """Send one request and return its decoded JSON answer.
+
+        ``token`` goes into X-Auth-Token; ``make_body`` builds a streamed multipart body;
+        ``idempotent`` says whether a lost answer may be ignored (else AmbiguousError);
+        ``missing`` names the object for a 404 message ("dataset 5f…").
+
+        Raises _Unauthorized (401), NotFoundError, RequestError, TransientError,
+        AmbiguousError, TlsError, MviError; OSError when a file to upload cannot be read.
+        """
+        headers: dict[str, str] = {}
+        if token is not None:
+            headers["X-Auth-Token"] = token
+        body = make_body() if make_body is not None else None
+        if body is not None:
+            headers["Content-Type"] = body.content_type
+        started = time.monotonic()
+        try:
+            response = self._session.request(
+                method,
+                self._base + path,
+                params=params,
+                json=json,
+                data=body,
+                headers=headers,
+                timeout=self._timeout,
+                verify=self._verify,
+                # A redirect would turn a POST into a GET; report it instead of following it.
+                allow_redirects=False,
+            )
+        except _SourceError as exc:
+            # The body was cut short, so the server cannot have stored this request.
+            _log.debug("%s %s abandoned: %s", method, path, exc.error)
+            raise exc.error from None
+        except requests.exceptions.RequestException as exc:
+            elapsed = time.monotonic() - started
+            error = self._network_error(exc, method, path, idempotent)
+            _log.debug("%s %s failed after %.3f s: %s", method, path, elapsed, error.reason)
+            raise error from exc
+        finally:
+            if body is not None:
+                body.close()
+        _log.debug(
+            "%s %s -> %d in %.3f s", method, path, response.status_code, time.monotonic() - started
+        )
+        return self._decode(response, method, path, idempotent=idempotent, missing=missing)
+
+    def _network_error(
+        self, exc: requests.exceptions.RequestException, method: str, path: str, idempotent: bool
+    ) -> MviError:
+        """Turn a requests exception (no HTTP answer) into the matching MviError."""
+        chain = list(_exception_chain(exc))
+        os_reason = _os_reason(exc)
+        if isinstance(exc, requests.exceptions.SSLError):
+            text = " ".join(str(e) for e in chain)
+            if "CERTIFICATE_VERIFY_FAILED" in text or any(
+                type(e).__name__ == "SSLCertVerificationError" for e in chain
+            ):
+                return TlsError(
+                    f"could not verify the TLS certificate of {self._host}; if the server uses "
+                    "a self-signed certificate, set credentials.verify to the path of its CA "
+                    "bundle (PEM file), or to false to skip the check (insecure)",
+                    reason="certificate verification failed",
+                )
+            if "WRONG_VERSION_NUMBER" in text or "wrong version number" in text:
+                return TlsError(
+                    f"{self._host} does not speak TLS on that port; if the server uses plain "
+                    "HTTP, write the endpoint with http:// instead of https://",
+                    reason="not a TLS server",
+                )
+        never_sent = isinstance(exc, requests.exceptions.ConnectTimeout) or any(
+            isinstance(e, urllib3.exceptions.NewConnectionError) for e in chain
+        )
+        if never_sent:
+            if any(isinstance(e, urllib3.exceptions.NameResolutionError) for e in chain):
+                reason = "host name not found"
+            elif isinstance(exc, requests.exceptions.ConnectTimeout):
+                reason = "connect timeout"
+            else:
+                reason = os_reason or "connection failed"
+            return TransientError(
+                f"could not connect to {self._host} ({reason}); is the MVI server running "
+                "and the endpoint right?",
+                reason=reason,
+            )
+        if isinstance(exc, requests.exceptions.Timeout):
+            reason = f"no answer within {self._timeout[1]:g} s"
+        elif isinstance(
+            exc, (requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError)
+        ):
+            reason = f"connection lost: {os_reason}" if os_reason else "connection lost"
+        else:
+            return MviError(
+                f"could not send {method} {path} to {self._where}: {type(exc).__name__}; "
+                "check the endpoint in the configuration",
+                reason=type(exc).__name__,
+            )
+        if idempotent:
+            return TransientError(
+                f"{method} {path} at {self._host} failed ({reason}); it will be retried",
+                reason=reason,
+            )
+        return AmbiguousError(
+            f"{method} {path} at {self._host} failed ({reason}) after the request was sent; "
+            "the server may have processed it",
+            reason=reason,
+        )
+
+    def _decode(
+        self,
+        response: requests.Response,
+        method: str,
+        path: str,
+        *,
+        idempotent: bool,
+        missing: str | None,
+    ) -> Any:
+        """Check status and body of an answer; return the decoded JSON.
+
+        Raises the MviError subclass that fits the status and body (see ``_request_once``).
+        """
+        status = response.status_code
+        try:
+            body: Any = response.json()
+            is_json = True
+        except ValueError:
+            body, is_json = None, False
+        fault = _fault_of(body)
+        call = f"{method} {path}"
+        where = self._where
+        if not is_json:
+            # Says what came back instead of a JSONDecodeError: usually a proxy's error page.
+            answered = (
+                f"the server at {where} answered {call} with {_body_kind(response)}, "
+                f"not JSON (HTTP {status})"
+            )
+        if 200 <= status < 300:
+            if not is_json:
+                error_type = TransientError if idempotent else AmbiguousError
+                raise error_type(
+                    f"{answered}; is the endpoint the API's base URL "
+                    "(e.g. https://host/powerai-vision/api)?",
+                    status=status,
+                    reason=f"HTTP {status}, not JSON",
+                )
+            if isinstance(body, Mapping) and body.get("result") == "fail":
+                raise RequestError(
+                    f"the server at {where} refused {call}: {fault or 'it gave no reason'}",
+                    status=status,
+                    fault=fault,
+                    reason="result: fail",
+                )
+            return body
+        said = f": {fault}" if fault else ""
+        if status == 401:
+            raise _Unauthorized(
+                f"the server at {where} answered {call} with HTTP 401{said}",
+                status=401,
+                fault=fault,
+            )
+        if status == 404 and isinstance(body, Mapping) and body.get("type") == "NotFoundException":
+            subject = missing or "the requested object"
+            raise NotFoundError(
+                f"{subject} does not exist on the server at {where} "
+                f"(HTTP 404 on {call}); was it deleted?",
+                status=404,
+                fault=fault,
+            )
+        retry_after = _retry_after(response.headers.get("Retry-After"))
+        if status == 429:
+            wait = f"; it asked to wait {retry_after:g} s" if retry_after is not None else ""
+            raise TransientError(
+                f"the server at {where} is rate limiting {call} (HTTP 429){wait}",
+                status=429,
+                fault=fault,
+                retry_after=retry_after,
+            )
+        if status >= 500:
+            message = (
+                f"the server at {where} failed {call} (HTTP {status}{said})"
+                if is_json
+                else f"{answered} — a proxy error page?"
+            )
+            if idempotent:
+                raise TransientError(message, status=status, fault=fault, retry_after=retry_after)
+            raise AmbiguousError(
+                f"{message}; it may have processed the request anyway",
+                status=status,
+                fault=fault,
+            )
+        if 300 <= status < 400:
+            location = _strip_userinfo(response.headers.get("Location", "another address"))
+            raise RequestError(
+                f"the server at {where} redirected {call} to {location} (HTTP {status}); "
+                "set the endpoint to the address it redirects to",
+                status=status,
+            )
+        if status == 413:
+            hint = "; upload fewer files per request (lower the batch size)"
+        elif status == 404:
+            hint = "; is the endpoint the API's base URL (e.g. https://host/powerai-vision/api)?"
+        elif status == 403:
+            hint = "; does this user have the right to do this?"
+        else:
+            hint = ""
+        message = (
+            f"the server at {where} refused {call} (HTTP {status}{said})" if is_json else answered
+        )
+        raise RequestError(f"{message}{hint}", status=status, fault=fault)
+
+    def _authorized(
+        self,
+        method: str,
+        path: str,
+        *,
+        idempotent: bool,
+        params: Mapping[str, str | int] | None = None,
+        json: object = None,
+        make_body: Callable[[], _MultipartBody] | None = None,
+        missing: str | None = None,
+    ) -> Any:
+        """Send one request with the current token; after a 401, log in again once and resend.
+
+        A 401 means the request was not processed, so resending is safe even for a POST.
+        Raises AuthError when the API key or the fresh token is refused; otherwise as
+        ``_request_once``.
+        """
+        token = self._current_token()
+        try:
+            return self._request_once(
+                method,
+                path,
+                token=token,
+                params=params,
+                json=json,
+                make_body=make_body,
+                idempotent=idempotent,
+                missing=missing,
+            )
+        except _Unauthorized as exc:
+            if self._api_key is not None:
+                raise self._api_key_rejected() from exc
+        token = self._renew_token(token)
+        try:
+            return self._request_once(
+                method,
+                path,
+                token=token,
+                params=params,
+                json=json,
+                make_body=make_body,
+                idempotent=idempotent,
+                missing=missing,
+            )
+        except _Unauthorized as exc:
+            raise AuthError(
+                f"the server at {self._where} refused {method} {path} even with a fresh token "
+                f"for user {self._username!r} (HTTP 401); check that this user may access it",
+                status=401,
+                fault=exc.fault,
+            ) from exc
+
+    def _retrying(
+        self, what: str, retry_if: Callable[[BaseException], bool] = is_retryable
+    ) -> tenacity.Retrying:
+        return build_retrying(
+            self._retry, stop_event=self._stop, retry_if=retry_if, logger=_log, what=what
+        )
+
+    def _get(
+        self,
+        path: str,
+        *,
+        params: Mapping[str, str | int] | None = None,
+        missing: str | None = None,
+    ) -> Any:
+        """GET with retries on every TransientError (a GET changes nothing on the server)."""
+        return self._retrying(f"GET {path}")(
+            self._authorized, "GET", path, idempotent=True, params=params, missing=missing
+        )
+
+    def _post(self, path: str, payload: Mapping[str, Any], *, missing: str | None = None) -> Any:
+        """POST JSON, retrying only failures after which the request was surely not processed."""
+        return self._retrying(f"POST {path}", _is_safe_to_resend)(
+            self._authorized, "POST", path, idempotent=False, json=payload, missing=missing
+        )
+
+    # ------------------------------------------------------------------ datasets
+
+    def list_datasets(self) -> list[dict[str, Any]]:
+        """Return every dataset (newest first, as the server lists them).
+
+        Raises MviError subclasses as described in the module docstring.
+        """
+        return _list_of_dicts(self._get("/datasets"), "the list of datasets", self._where)
+
+    def get_dataset(self, dataset_id: str) -> dict[str, Any]:
+        """Return the dataset ``dataset_id``.
+
+        Raises NotFoundError when it does not exist (deleted?), other MviErrors otherwise.
+        """
+        missing = f"dataset {dataset_id}"
+        body = self._get(f"/datasets/{quote(dataset_id, safe='')}", missing=missing)
+        if not isinstance(body, dict):
+            raise MviError(f"the server at {self._where} answered {missing} with a non-object")
+        return body
+
+    def create_dataset(self, name: str) -> str:
+        """Create a dataset called ``name`` (names need not be unique); return its id.
+
+        Raises AmbiguousError when it may have been created anyway (look it up by name
+        before creating again), other MviErrors otherwise.
+        """
+        body = self._post("/datasets", {"name": name})
+        dataset_id = _string_field(body, "dataset_id", f"dataset {name!r}", self._where)
+        _log.info("created dataset %r (%s)", name, dataset_id)
+        return dataset_id
+
+    # ------------------------------------------------------------------ categories
+
+    def list_categories(self, dataset_id: str) -> list[dict[str, Any]]:
+        """Return the categories of dataset ``dataset_id``.
+
+        Raises NotFoundError when the dataset does not exist, other MviErrors otherwise.
+        """
+        body = self._get(
+            f"/datasets/{quote(dataset_id, safe='')}/categories", missing=f"dataset {dataset_id}"
+        )
+        return _list_of_dicts(body, f"the categories of dataset {dataset_id}", self._where)
+
+    def create_category(self, dataset_id: str, name: str) -> str:
+        """Create category ``name`` in dataset ``dataset_id``; return its id.
+
+        Raises AmbiguousError when it may have been created anyway, NotFoundError when the
+        dataset does not exist, other MviErrors otherwise.
+        """
+        body = self._post(
+            f"/datasets/{quote(dataset_id, safe='')}/categories",
+            {"name": name},
+            missing=f"dataset {dataset_id}",
+        )
+        category_id = _string_field(body, "dataset_category_id", f"category {name!r}", self._where)
+        _log.info("created category %r (%s) in dataset %s", name, category_id, dataset_id)
+        return category_id
+
+    def ensure_category(self, dataset_id: str, name: str) -> str:
+        """Return the id of category ``name`` in dataset ``dataset_id``, creating it if needed.
+
+        Ids are cached. The server is asked before every create, also after an ambiguous
+        create, so a lost answer never yields a second category of the same name.
+        Raises NotFoundError when the dataset does not exist, other MviErrors otherwise.
+        """
+        key = (dataset_id, name)
+        # One lock for all categories: creating one is rare, and two threads creating the
+        # same category at once would otherwise both find it missing.
+        with self._category_lock:
+            cached = self._category_ids.get(key)
+            if cached is not None:
+                return cached
+
+            def find_or_create() -> str:
+                for category in self.list_categories(dataset_id):
+                    if category.get("name") == name and category.get("_id"):
+                        return str(category["_id"])
+                return self.create_category(dataset_id, name)
+
+            # Only an ambiguous create is retried here (by looking up again); the GET and
+            # POST inside already retry the failures that are safe to retry.
+            category_id: str = self._retrying(
+                f"creating category {name!r}", lambda exc: isinstance(exc, AmbiguousError)
+            )(find_or_create)
+            self._category_ids[key] = category_id
+            return category_id
+
+    # ------------------------------------------------------------------ files
+
+    def upload(
+        self,
+        dataset_id: str,
+        parts: Sequence[UploadPart],
+        *,
+        category_name: str,
+        category_id: str | None,
+    ) -> list[FileResult]:
+        """Upload ``parts`` into dataset ``dataset_id`` under a category, in ONE request.
+
+        Returns one FileResult per part, in the order of ``parts``. The request is sent
+        again only when it surely was not processed (connection never established, 429,
+        401 followed by a new login).
+        Raises AmbiguousError when the server may have stored the files (compare with
+        ``list_files`` before sending them again), NotFoundError when the dataset is gone,
+        RequestError when the server refused the whole request, other MviErrors as in the
+        module docstring, and OSError when a file cannot be read or changes while sent.
+        """
+        if not parts:
+            return []
+        fields = {"category_name": category_name}
+        if category_id is not None:
+            fields["category_id"] = category_id
+        path = f"/datasets/{quote(dataset_id, safe='')}/files"
+        body = self._retrying(f"POST {path} ({len(parts)} files)", _is_safe_to_resend)(
+            self._authorized,
+            "POST",
+            path,
+            idempotent=False,
+            make_body=lambda: _MultipartBody(fields, parts),
+            missing=f"dataset {dataset_id}",
+        )
+        results = self._file_results(parts, body, path)
+        for result in results:
+            if result.ok:
+                _log.debug("uploaded %s as %s", result.name, result.file_id)
+            else:
+                _log.debug("the server refused %s: %s", result.name, result.fault)
+        return results
+
+    def _file_results(
+        self, parts: Sequence[UploadPart], body: object, path: str
+    ) -> list[FileResult]:
+        """Match the server's ``resultList`` to ``parts``.
+
+        By position when the list has one entry per part and the names agree, else by
+        ``original_file_name``. Raises AmbiguousError when some part cannot be matched: the
+        server answered success, so it may well have stored it.
+        """
+        entries = body.get("resultList") if isinstance(body, Mapping) else None
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            raise AmbiguousError(
+                f"the server at {self._where} answered POST {path} without a usable resultList; "
+                "the files may have been stored — compare with the dataset's file list",
+                reason="no resultList",
+            )
+        names = [e.get("original_file_name") for e in entries]
+        if len(entries) == len(parts) and all(
+            n is None or n == p.name for n, p in zip(names, parts, strict=True)
+        ):
+            matched: list[dict[str, Any] | None] = list(entries)
+        else:
+            by_name: dict[str, deque[dict[str, Any]]] = {}
+            for entry, entry_name in zip(entries, names, strict=True):
+                if isinstance(entry_name, str):
+                    by_name.setdefault(entry_name, deque()).append(entry)
+            matched = [by_name[p.name].popleft() if by_name.get(p.name) else None for p in parts]
+        unmatched = [p.name for p, e in zip(parts, matched, strict=True) if e is None]
+        if unmatched:
+            raise AmbiguousError(
+                f"the server at {self._where} answered POST {path} without a result for "
+                f"{', '.join(unmatched[:5])}{' …' if len(unmatched) > 5 else ''}; the files "
+                "may have been stored — compare with the dataset's file list",
+                reason="incomplete resultList",
+            )
+        results = []
+        for part, entry in zip(parts, matched, strict=True):
+            assert entry is not None
+            ok = entry.get("result") == "success"
+            file_id = entry.get("_id")
+            results.append(
+                FileResult(
+                    name=part.name,
+                    ok=ok,
+                    file_id=str(file_id) if ok and file_id is not None else None,
+                    fault=None if ok else (_fault_of(entry) or "the server gave no reason"),
+                )
+            )
+        return results
+
+    def list_files(
+        self,
+        dataset_id: str,
+        *,
+        category_id: str | None = None,
+        query: str | None = None,
+        limit: int | None = None,
+        skip: int | None = None,
+    ) -> list[dict[str, Any]]:
+        """Return files of dataset ``dataset_id``, optionally filtered and paged.
+
+        ``query`` matches part of the original file name. Raises NotFoundError when the
+        dataset does not exist, other MviErrors otherwise.
+        """
+        params: dict[str, str | int] = {}
+        if category_id is not None:
+            params["category_id"] = category_id
+        if query is not None:
+            params["query"] = query
+        if limit is not None:
+            params["limit"] = limit
+        if skip is not None:
+            params["skip"] = skip
+        body = self._get(
+            f"/datasets/{quote(dataset_id, safe='')}/files",
+            params=params or None,
+            missing=f"dataset {dataset_id}",
+        )
+        return _list_of_dicts(body, f"the files of dataset {dataset_id}", self._where)
+
+    def iter_files(
+        self, dataset_id: str, *, category_id: str | None = None, page_size: int = 1000
+    ) -> Iterator[dict[str, Any]]:
+        """Yield every file of dataset ``dataset_id`` (optionally one category), page by page.
+
+        Files added or removed while paging may be seen twice or shifted; callers reconcile
+        by name and content, so a repeat is harmless. Raises as ``list_files``; MviError when
+        the server ignores ``skip`` (it would otherwise loop forever).
+        """
+        if page_size < 1:
+            raise ValueError(f"page_size must be >= 1, got {page_size}")
+        skip = 0
+        previous_first: object = None
+        while True:
+            page = self.list_files(dataset_id, category_id=category_id, limit=page_size, skip=skip)
+            if not page:
+                return
+            first = page[0].get("_id")
+            if skip and first is not None and first == previous_first:
+                raise MviError(
+                    f"the server at {self._where} ignores the skip parameter when listing files; "
+                    "cannot page through the dataset"
+                )
+            previous_first = first
+            yield from page
+            # A page longer than asked for means the server ignored limit and sent everything.
+            if len(page) != page_size:
+                return
+            skip += page_size
+
+    # ------------------------------------------------------------------ training
+
+    def start_training(
+        self,
+        dataset_id: str,
+        name: str,
+        *,
+        pretrained_model: str | None = None,
+        strategy: Mapping[str, Any] | None = None,
+    ) -> str:
+        """Start training a classification model called ``name`` on ``dataset_id``.
+
+        ``pretrained_model`` (an earlier trained task's id) makes it a retraining;
+        ``strategy`` holds training settings. Returns the task id.
+        Raises AmbiguousError when the task may have been started anyway (look the name up
+        in ``list_tasks`` before starting again), RequestError when the server refuses
+        (e.g. too few images), other MviErrors otherwise.
+        """
+        payload: dict[str, Any] = {
+            "name": name,
+            "dataset_id": dataset_id,
+            "usage": "cic",
+            "action": "create",
+        }
+        if pretrained_model is not None:
+            payload["pretrained_model"] = pretrained_model
+        if strategy is not None:
+            payload["strategy"] = dict(strategy)
+        body = self._post("/dltasks", payload, missing=f"dataset {dataset_id}")
+        task_id = _string_field(body, "task_id", f"training task {name!r}", self._where)
+        _log.info("started training task %r (%s) on dataset %s", name, task_id, dataset_id)
+        return task_id
+
+    def get_task(self, task_id: str) -> dict[str, Any]:
+        """Return training task ``task_id`` (its ``status``: training, trained or failed).
+
+        Raises NotFoundError when it does not exist, other MviErrors otherwise.
+        """
+        missing = f"training task {task_id}"
+        body = self._get(f"/dltasks/{quote(task_id, safe='')}", missing=missing)
+        if not isinstance(body, dict):
+            raise MviError(f"the server at {self._where} answered {missing} with a non-object")
+        return body
+
+    def list_tasks(self, status: str | None = None) -> list[dict[str, Any]]:
+        """Return the training tasks, only those in ``status`` when given.
+
+        Raises MviErrors as described in the module docstring.
+        """
+        params = {"status": status} if status is not None else None
+        body = self._get("/dltasks", params=params)
+        return _list_of_dicts(body, "the list of training tasks", self._where)
