@@ -1,0 +1,3 @@
+from paiv_sync.emulator.cli import main
+
+raise SystemExit(main())
