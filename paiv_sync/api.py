@@ -882,7 +882,7 @@ class MviClient:
         """
         body = self._post("/datasets", {"name": name})
         dataset_id = _string_field(body, "dataset_id", f"dataset {name!r}", self._where)
-        _log.info("created dataset %r (%s)", name, dataset_id)
+        _log.debug("created dataset %r (%s)", name, dataset_id)
         return dataset_id
 
     # ------------------------------------------------------------------ categories
@@ -1123,7 +1123,7 @@ class MviClient:
             payload["strategy"] = dict(strategy)
         body = self._post("/dltasks", payload, missing=f"dataset {dataset_id}")
         task_id = _string_field(body, "task_id", f"training task {name!r}", self._where)
-        _log.info("started training task %r (%s) on dataset %s", name, task_id, dataset_id)
+        _log.debug("started training task %r (%s) on dataset %s", name, task_id, dataset_id)
         return task_id
 
     def get_task(self, task_id: str) -> dict[str, Any]:

@@ -1,0 +1,260 @@
+"""The command line: parse arguments, load the configuration, set up logging, run.
+
+Exit codes: 0 done, 1 something failed at run time (see the log), 2 bad usage or configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from paiv_sync import __version__
+from paiv_sync.config import Config, ConfigError, load_config
+
+log = logging.getLogger("paiv_sync")
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+# syslog priorities for journald's "<N>" line prefixes.
+_JOURNAL_PRIORITY = {
+    logging.DEBUG: 7,
+    logging.INFO: 6,
+    logging.WARNING: 4,
+    logging.ERROR: 3,
+    logging.CRITICAL: 2,
+}
+
+
+class _JournalFormatter(logging.Formatter):
+    """journald adds its own timestamps; a ``<N>`` prefix sets the priority."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        priority = _JOURNAL_PRIORITY.get(record.levelno, 6)
+        return f"<{priority}>{record.name}: {super().format(record)}"
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def setup_logging(level: str, fmt: str) -> None:
+    """Send the package's logs to stderr in the chosen format."""
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(_JsonFormatter())
+    elif os.environ.get("JOURNAL_STREAM"):
+        handler.setFormatter(_JournalFormatter("%(message)s"))
+    else:
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)-7s %(message)s", "%Y-%m-%d %H:%M:%S")
+        )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+    logging.getLogger("paiv_sync").setLevel(level.upper())
+
+
+def _common(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
+    default: Any = argparse.SUPPRESS if suppress else None
+    parser.add_argument(
+        "--config",
+        "-c",
+        type=Path,
+        default=default,
+        metavar="PATH",
+        help="the configuration file (JSON)",
+    )
+    parser.add_argument(
+        "--log-level",
+        default=argparse.SUPPRESS if suppress else "info",
+        choices=["debug", "info", "warning", "error"],
+        help="default: info",
+    )
+    parser.add_argument(
+        "--log-format",
+        default=argparse.SUPPRESS if suppress else "text",
+        choices=["text", "json"],
+        help="default: text",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``paiv-sync``."""
+    parser = argparse.ArgumentParser(
+        prog="paiv-sync",
+        description="Watch category folders and feed their images into an MVI / PowerAI Vision "
+        "classification dataset; train when enough have arrived.",
+        epilog="Without a command, runs the service in the foreground until SIGINT/SIGTERM.",
+    )
+    parser.add_argument("--version", action="version", version=f"paiv-sync {__version__}")
+    _common(parser, suppress=False)
+    parser.add_argument(
+        "--once",
+        action="store_true",
+        help="reconcile, upload everything pending (ignoring the upload "
+        "threshold), start a training if due, and exit",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    check = commands.add_parser("check", help="validate the configuration and try the server")
+    _common(check, suppress=True)
+    status = commands.add_parser("status", help="show where every category's files stand")
+    _common(status, suppress=True)
+    demo = commands.add_parser("demo", help="a self-contained run against the built-in emulator")
+    _common(demo, suppress=True)
+    commands.add_parser(
+        "emulator", help="run the stand-in MVI server (see: emulator --help)", add_help=False
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``paiv-sync`` with ``argv`` (default: the process arguments); return the exit code."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list[:1] == ["emulator"]:
+        from paiv_sync.emulator.cli import main as emulator_main
+
+        return emulator_main(args_list[1:])
+    parser = build_parser()
+    args = parser.parse_args(args_list)
+    setup_logging(args.log_level, args.log_format)
+    if args.command == "demo":
+        from paiv_sync.demo import run_demo
+
+        return run_demo()
+    if args.config is None:
+        parser.print_usage(sys.stderr)
+        print(
+            "paiv-sync: error: --config PATH is required (or try: paiv-sync demo)", file=sys.stderr
+        )
+        return EXIT_USAGE
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        for line in exc.warnings if hasattr(exc, "warnings") else ():
+            print(line, file=sys.stderr)
+        print(str(exc), file=sys.stderr)
+        return EXIT_USAGE
+    for warning in config.warnings:
+        log.warning("%s", warning)
+    if args.command == "check":
+        return _check(config)
+    if args.command == "status":
+        return _status(config)
+    return _run(config, once=args.once)
+
+
+def _run(config: Config, *, once: bool) -> int:
+    from paiv_sync.service import Service
+
+    service = Service(config, once=once)
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("received %s; stopping", signal.Signals(signum).name)
+        service.stop()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+    code = service.run()
+    log.info("stopped")
+    return code
+
+
+def _check(config: Config) -> int:
+    from paiv_sync.api import MviClient, MviError
+    from paiv_sync.retry import RetryPolicy
+
+    print(f"configuration {config.source}: valid")
+    who = "an API key" if config.auth_mode == "api_key" else f"user {config.username}"
+    print(f"server: {config.base_url} ({who})")
+    client = MviClient(
+        config.base_url,
+        username=config.username,
+        password=config.password,
+        api_key=config.api_key,
+        verify=config.verify,
+        timeout=config.timeout,
+        retry=RetryPolicy(initial=0.5, maximum=2.0, max_attempts=2),
+    )
+    try:
+        client.authenticate()
+        print("authentication: ok")
+        same_name = [d for d in client.list_datasets() if d.get("name") == config.dataset_name]
+    except MviError as exc:
+        print(f"server: {exc}")
+        return EXIT_FAILED
+    finally:
+        client.close()
+    if config.dataset_action == "create":
+        print(f"dataset: a new dataset {config.dataset_name}-<date-time> will be created at start")
+    elif same_name:
+        newest = max(same_name, key=lambda d: str(d.get("created_at", "")))
+        print(
+            f"dataset: {config.dataset_name!r} found (id {newest.get('_id')}, "
+            f"{newest.get('total_file_count', '?')} files)"
+        )
+    else:
+        print(f"dataset: {config.dataset_name!r} not found; it will be created at start")
+    for folder in config.folders:
+        print(f"folder: {folder}")
+    print(f"ledger: {config.ledger_path}")
+    return EXIT_OK
+
+
+def _status(config: Config) -> int:
+    from paiv_sync import ledger as states
+    from paiv_sync.ledger import Ledger, LedgerError
+
+    try:
+        ledger = Ledger(config.ledger_path, readonly=True)
+    except LedgerError as exc:
+        print(f"status: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    try:
+        dataset = ledger.get_meta("dataset_id")
+        print(f"ledger: {config.ledger_path}")
+        print(f"dataset: {config.dataset_name} (id {dataset or 'not resolved yet'})")
+        counts = ledger.counts()
+        columns = states.STATES
+        width = max([len("category"), *(len(c) for c in counts)])
+        print(f"{'category':<{width}}  " + "  ".join(f"{c:>9}" for c in columns))
+        totals = dict.fromkeys(columns, 0)
+        for category in sorted(counts):
+            row = counts[category]
+            for c in columns:
+                totals[c] += row.get(c, 0)
+            print(f"{category:<{width}}  " + "  ".join(f"{row.get(c, 0):>9}" for c in columns))
+        print(f"{'total':<{width}}  " + "  ".join(f"{totals[c]:>9}" for c in columns))
+        for rejected in ledger.rejected()[:50]:
+            print(f"rejected: {rejected.rel_path}: {rejected.reason}")
+        print(
+            f"uploads since the last training: {ledger.uploads_since_last_training()} "
+            f"(threshold {config.training_threshold}, action {config.model_action})"
+        )
+        last = ledger.last_training()
+        if last is None:
+            print("last training: none")
+        else:
+            detail = f" ({last.reason})" if last.reason else ""
+            print(f"last training: {last.name} (task {last.task_id or '?'}): {last.state}{detail}")
+    finally:
+        ledger.close()
+    return EXIT_OK

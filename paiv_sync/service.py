@@ -1,0 +1,680 @@
+"""The service: wires watcher, scanner, stability gate, ledger, uploader and trainer together.
+
+Threads: the watchdog observer only puts paths on ``inbox``; one pipeline thread (the caller of
+``run``) does every stat, hash and ledger write for incoming files and decides when a category
+flushes; a small pool of upload workers sends batches; one trainer thread starts and follows
+training tasks. One ``threading.Event`` stops them all.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from paiv_sync import ledger as states
+from paiv_sync.api import AuthError, MviClient, MviError, NotFoundError, TlsError
+from paiv_sync.batcher import Debouncer, batches
+from paiv_sync.config import Config
+from paiv_sync.hashing import sha256_file
+from paiv_sync.images import check_image, content_type, sniff
+from paiv_sync.layout import Layout, Location, Skip
+from paiv_sync.ledger import Ledger, LedgerError
+from paiv_sync.retry import RetryPolicy
+from paiv_sync.scanner import scan
+from paiv_sync.stability import Settled, StabilityGate
+from paiv_sync.trainer import Trainer
+from paiv_sync.uploader import DatasetGone, Uploader, UploadsPaused
+from paiv_sync.watcher import Watcher
+
+log = logging.getLogger(__name__)
+
+Notify = Callable[[str], None]
+
+
+def _no_notify(_message: str) -> None:
+    return None
+
+
+@dataclass
+class RunSummary:
+    """What one run did; the CLI prints it for ``--once`` and the demo."""
+
+    added: int = 0
+    uploaded: int = 0
+    rejected: int = 0
+    duplicates: int = 0
+    pending_left: int = 0
+    trainings_started: list[str] = field(default_factory=list)
+
+
+class Service:
+    """One paiv-sync instance for one configuration.
+
+    ``run()`` blocks until ``stop()`` (or, with ``once``, until the work at hand is done) and
+    returns the process exit code.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        once: bool = False,
+        stop_event: threading.Event | None = None,
+        notify: Notify = _no_notify,
+        retry: RetryPolicy | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.once = once
+        self.stop_event = stop_event or threading.Event()
+        self.summary = RunSummary()
+        self._notify = notify
+        self._retry = retry or RetryPolicy(initial=1.0, maximum=60.0)
+        self._clock = clock
+        self.inbox: queue.SimpleQueue[tuple[str, bool]] = queue.SimpleQueue()
+        self.layout = Layout(
+            config.folders,
+            recursive=config.recursive,
+            categories=config.categories,
+            extensions=config.extensions,
+        )
+        self.gate = StabilityGate(config.settle_time, clock)
+        self.debouncer = Debouncer(
+            threshold=config.upload_threshold,
+            quiet_time=config.quiet_time,
+            max_delay=config.max_delay,
+            clock=clock,
+        )
+        self.ledger: Ledger | None = None
+        self.client: MviClient | None = None
+        self.uploader: Uploader | None = None
+        self.trainer: Trainer | None = None
+        self.watcher: Watcher | None = None
+        self.dataset_id: str | None = None
+        self.ready = threading.Event()
+        self._pool: ThreadPoolExecutor | None = None
+        self._inflight: dict[str, list[Future[None]]] = {}
+        self._pending: dict[str, int] = {}
+        self._pending_dirty = True
+        self._connected = False
+        # Categories whose pending files were checked against the server's list this run.
+        self._dup_checked: set[str] = set()
+        self._connect_failures = 0
+        self._next_connect = 0.0
+        self._next_rescan = 0.0
+        self._lost = threading.Event()  # set by an upload worker: reconnect / re-resolve
+        self._trainer_wake = threading.Event()
+        self._trainer_thread: threading.Thread | None = None
+        self._warned: set[str] = set()
+
+    # -- public --------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask every thread to finish; ``run`` returns soon after. Safe from signal handlers."""
+        self.stop_event.set()
+        self._trainer_wake.set()
+
+    def hint(self, path: str, is_dir: bool) -> None:
+        """A path that may have changed (the watcher's sink: never blocks, never raises)."""
+        self.inbox.put((path, is_dir))
+
+    def run(self) -> int:
+        """Run until stopped (or until done, with ``once``); return the exit code."""
+        try:
+            self.ledger = Ledger(self.config.ledger_path)
+        except LedgerError as exc:
+            log.error("%s", exc)
+            return 1
+        try:
+            self._build()
+            log.info(
+                "watching %s; ledger %s",
+                ", ".join(str(f) for f in self.config.folders),
+                self.config.ledger_path,
+            )
+            self._scan_all()
+            if not self.once:
+                self._start_watcher()
+            self.ready.set()
+            self._notify("READY=1")
+            if self.once:
+                return self._run_once()
+            self._trainer_thread = threading.Thread(
+                target=self._run_trainer, name="paiv-trainer", daemon=True
+            )
+            self._trainer_thread.start()
+            self._loop()
+            return 0
+        finally:
+            self._notify("STOPPING=1")
+            self._shutdown()
+
+    # -- building and tearing down -------------------------------------------------------
+
+    def _build(self) -> None:
+        cfg = self.config
+        assert self.ledger is not None
+        self.client = MviClient(
+            cfg.base_url,
+            username=cfg.username,
+            password=cfg.password,
+            api_key=cfg.api_key,
+            verify=cfg.verify,
+            timeout=cfg.timeout,
+            retry=self._retry
+            if not self.once
+            else RetryPolicy(
+                initial=self._retry.initial, maximum=self._retry.maximum, max_attempts=5
+            ),
+            stop_event=self.stop_event,
+        )
+        self.uploader = Uploader(
+            self.client, self.ledger, retry=self._retry, stop_event=self.stop_event
+        )
+        self.trainer = Trainer(
+            self.client,
+            self.ledger,
+            model_name=cfg.model_name,
+            action=cfg.model_action,
+            threshold=cfg.training_threshold,
+            strategy=cfg.strategy,
+            stop_event=self.stop_event,
+        )
+        self._pool = ThreadPoolExecutor(
+            max_workers=cfg.upload_workers, thread_name_prefix="paiv-upload"
+        )
+
+    def _start_watcher(self) -> None:
+        self.watcher = Watcher(
+            self.config.folders,
+            self.hint,
+            kind=self.config.observer,
+            polling_interval=self.config.polling_interval,
+        )
+        self.watcher.start()
+        log.info("file watcher running (%s events)", self.watcher.kind_in_use)
+
+    def _shutdown(self) -> None:
+        self.stop_event.set()
+        self._trainer_wake.set()
+        if self.watcher is not None:
+            self.watcher.stop()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._trainer_thread is not None:
+            self._trainer_thread.join(timeout=self.config.timeout + 5)
+        if self.client is not None:
+            self.client.close()
+        if self.ledger is not None:
+            self.ledger.close()
+            self.ledger = None
+
+    # -- the main loop -------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        self._next_rescan = self._clock() + self.config.rescan_interval
+        while not self.stop_event.is_set():
+            self._pump(self._wait_time())
+            self._supervise()
+            self._ensure_connected()
+            self._admit_settled()
+            self._collect_uploads()
+            self._dispatch(force=False)
+            if self.config.rescan_interval and self._clock() >= self._next_rescan:
+                self._next_rescan = self._clock() + self.config.rescan_interval
+                log.debug("periodic rescan")
+                self._scan_all()
+
+    def _wait_time(self) -> float:
+        now = self._clock()
+        wait = 1.0
+        due = self.gate.next_due()
+        if due is not None:
+            wait = min(wait, max(0.0, due - now))
+        deadline = self.debouncer.next_deadline(self._pending_counts())
+        if deadline is not None:
+            wait = min(wait, max(0.0, deadline - now))
+        if self._inflight:
+            wait = min(wait, 0.05)
+        return max(wait, 0.005)
+
+    def _pump(self, timeout: float) -> None:
+        """Take path hints from the inbox: wait up to ``timeout`` for the first one."""
+        try:
+            item = self.inbox.get(timeout=timeout)
+        except queue.Empty:
+            return
+        for _ in range(10_000):
+            self._take_hint(*item)
+            try:
+                item = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _take_hint(self, path: str, is_dir: bool) -> None:
+        if is_dir:
+            self._scan_subtree(Path(path))
+            return
+        where = self.layout.locate(Path(path))
+        if isinstance(where, Skip):
+            self._skip(path, where)
+            return
+        try:
+            st = os.stat(path, follow_symlinks=self.config.follow_symlinks)
+        except OSError:
+            return  # gone already; a rescan will tell if it matters
+        if not self.config.follow_symlinks and os.path.islink(path):
+            self._skip(path, Skip("symbolic link, not followed", warn=True))
+            return
+        self.gate.offer(path, st.st_size, st.st_mtime_ns)
+
+    def _skip(self, path: str, skip: Skip) -> None:
+        if skip.warn and path not in self._warned:
+            if len(self._warned) > 100_000:
+                self._warned.clear()
+            self._warned.add(path)
+            log.warning("%s skipped: %s", path, skip.reason)
+
+    def _supervise(self) -> None:
+        watcher = self.watcher
+        if watcher is not None and not watcher.is_alive():
+            log.error("the file watcher stopped; restarting it and rescanning so no file is missed")
+            try:
+                watcher.restart()
+            except Exception:
+                log.exception("could not restart the file watcher; relying on rescans")
+            self._scan_all()
+
+    # -- scanning ------------------------------------------------------------------------
+
+    def _scan_all(self) -> None:
+        """Reconcile the disk with the ledger: new or changed files enter the gate."""
+        assert self.ledger is not None
+        offered = 0
+        for root in self.config.folders:
+            if not root.is_dir():
+                log.warning(
+                    "root folder %s is missing (unmounted?); will look again at the next scan", root
+                )
+                continue
+            known = self.ledger.stats_under(str(root))
+            seen: set[str] = set()
+            for found in scan(
+                self.layout,
+                root,
+                follow_symlinks=self.config.follow_symlinks,
+                on_skip=self._on_scan_skip,
+            ):
+                rel = found.location.rel_path
+                seen.add(rel)
+                stat = known.get(rel)
+                if stat is not None and stat[0] == found.size and stat[1] == found.mtime_ns:
+                    continue
+                self.gate.offer(os.path.join(root, rel), found.size, found.mtime_ns)
+                offered += 1
+            if not root.is_dir():
+                continue  # vanished during the scan: do not take its files for deleted
+            for rel, (_size, _mtime, state) in known.items():
+                if state == states.PENDING and rel not in seen:
+                    self._forget(str(root), rel)
+        if offered:
+            log.info("scan found %d new or changed files", offered)
+        watcher = self.watcher
+        if watcher is not None and any(root.is_dir() for root in watcher.missing_roots):
+            log.info("a root folder that was missing is back; watching it again")
+            watcher.restart()
+
+    def _on_scan_skip(self, path: Path, skip: Skip) -> None:
+        self._skip(str(path), skip)
+
+    def _scan_subtree(self, path: Path) -> None:
+        assert self.ledger is not None
+        for found in scan(
+            self.layout,
+            path,
+            follow_symlinks=self.config.follow_symlinks,
+            on_skip=self._on_scan_skip,
+        ):
+            loc = found.location
+            row = self.ledger.lookup(str(loc.root), loc.rel_path)
+            if row is not None and (row.size, row.mtime_ns) == (found.size, found.mtime_ns):
+                continue
+            self.gate.offer(os.path.join(loc.root, loc.rel_path), found.size, found.mtime_ns)
+
+    def _forget(self, root: str, rel: str) -> None:
+        assert self.ledger is not None
+        row = self.ledger.lookup(root, rel)
+        if row is not None and row.state == states.PENDING and self.ledger.forget(row.id):
+            self._pending_dirty = True
+            log.warning("%s was deleted before upload; forgotten", rel)
+
+    # -- admitting settled files ---------------------------------------------------------
+
+    def _admit_settled(self) -> None:
+        for settled in self.gate.due(on_gone=self._gone):
+            if self.stop_event.is_set():
+                return
+            self._admit(settled)
+
+    def _gone(self, path: str) -> None:
+        where = self.layout.locate(Path(path))
+        if isinstance(where, Location):
+            self._forget(str(where.root), where.rel_path)
+
+    def _admit(self, settled: Settled) -> None:
+        """Check, hash and record one settled file."""
+        assert self.ledger is not None
+        where = self.layout.locate(Path(settled.path))
+        if isinstance(where, Skip):
+            return
+        root, rel = str(where.root), where.rel_path
+        row = self.ledger.lookup(root, rel)
+        if row is not None and (row.size, row.mtime_ns) == (settled.size, settled.mtime_ns):
+            return
+        try:
+            problem = check_image(Path(settled.path), self.config.max_file_size)
+            if problem is not None:
+                self.ledger.reject(
+                    root=root,
+                    rel_path=rel,
+                    category=where.category,
+                    size=settled.size,
+                    mtime_ns=settled.mtime_ns,
+                    reason=problem,
+                )
+                self.summary.rejected += 1
+                log.warning("%s not uploaded: %s", rel, problem)
+                return
+            with open(settled.path, "rb") as handle:
+                kind = sniff(handle.read(16))
+            digest = sha256_file(settled.path)
+            st = os.stat(settled.path)
+        except FileNotFoundError:
+            self._forget(root, rel)
+            return
+        except OSError as exc:
+            log.warning(
+                "%s cannot be read (%s); will try again at the next scan", rel, exc.strerror or exc
+            )
+            return
+        if (st.st_size, st.st_mtime_ns) != (settled.size, settled.mtime_ns):
+            self.gate.offer(settled.path, st.st_size, st.st_mtime_ns)
+            return
+        outcome = self.ledger.record(
+            root=root,
+            rel_path=rel,
+            category=where.category,
+            size=st.st_size,
+            mtime_ns=st.st_mtime_ns,
+            sha256=digest,
+            content_type=content_type(kind or "jpeg"),
+            skip_duplicates=self.config.skip_duplicates,
+        )
+        if not outcome.new:
+            return
+        if outcome.row.state == states.DUPLICATE:
+            self.summary.duplicates += 1
+            log.info("%s not uploaded: %s (skip_duplicates)", rel, outcome.row.reason)
+            return
+        self.summary.added += 1
+        self.debouncer.arrived(where.category)
+        counts = self._pending_counts()
+        counts[where.category] = counts.get(where.category, 0) + 1
+        count = counts[where.category]
+        needed = self.debouncer.needed(count)
+        if self.once:
+            log.info("%s added — %d pending", rel, count)
+        elif needed:
+            log.info(
+                "%s added — %d pending, %d more needed to reach the upload threshold (%d)",
+                rel,
+                count,
+                needed,
+                self.config.upload_threshold,
+            )
+        else:
+            log.info(
+                "%s added — %d pending, uploading after %g s without new files",
+                rel,
+                count,
+                self.config.quiet_time,
+            )
+
+    # -- connecting ----------------------------------------------------------------------
+
+    def _ensure_connected(self) -> bool:
+        if self._lost.is_set():
+            self._lost.clear()
+            self._connected = False
+        if self._connected:
+            return True
+        if self._clock() < self._next_connect or self.stop_event.is_set():
+            return False
+        try:
+            self._connect()
+        except (AuthError, TlsError) as exc:
+            self._connect_failed(exc, fatal_hint=True)
+            return False
+        except MviError as exc:
+            self._connect_failed(exc, fatal_hint=False)
+            return False
+        self._connected = True
+        self._connect_failures = 0
+        self._trainer_wake.set()
+        return True
+
+    def _connect_failed(self, exc: MviError, *, fatal_hint: bool) -> None:
+        self._connect_failures += 1
+        delay = min(self._retry.initial * 2 ** (self._connect_failures - 1), self._retry.maximum)
+        if fatal_hint:
+            delay = self._retry.maximum
+        self._next_connect = self._clock() + delay
+        log.error(
+            "cannot use the server at %s: %s; files stay pending; trying again in %.0f s",
+            self.config.base_url,
+            exc,
+            delay,
+        )
+
+    def _connect(self) -> None:
+        assert self.client is not None and self.ledger is not None
+        assert self.uploader is not None and self.trainer is not None
+        self.client.authenticate()
+        dataset_id = self._resolve_dataset()
+        self.dataset_id = dataset_id
+        self.uploader.dataset_id = dataset_id
+        self.trainer.dataset_id = dataset_id
+        self.uploader.resolve_in_doubt()
+        self._pending_dirty = True
+
+    def _resolve_dataset(self) -> str:
+        """The id of the dataset to feed, creating it when needed (see ``dataset.action``)."""
+        assert self.client is not None and self.ledger is not None
+        cfg = self.config
+        remembered = self.ledger.get_meta("dataset_id")
+        remembered_for = self.ledger.get_meta("dataset_config_name")
+        if remembered and remembered_for == cfg.dataset_name:
+            try:
+                dataset = self.client.get_dataset(remembered)
+            except NotFoundError:
+                log.warning(
+                    "dataset %s (id %s) that this service fed is gone from the server; its files "
+                    "will go into a new one",
+                    cfg.dataset_name,
+                    remembered,
+                )
+            else:
+                log.info("using dataset %r (id %s)", dataset.get("name"), remembered)
+                return remembered
+        dataset_id: str | None = None
+        if cfg.dataset_action == "append":
+            same_name = [
+                d for d in self.client.list_datasets() if d.get("name") == cfg.dataset_name
+            ]
+            if same_name:
+                newest = max(same_name, key=lambda d: str(d.get("created_at", "")))
+                dataset_id = str(newest["_id"])
+                log.info("using dataset %r (id %s)", cfg.dataset_name, dataset_id)
+            else:
+                dataset_id = self.client.create_dataset(cfg.dataset_name)
+                log.info("created dataset %r (id %s)", cfg.dataset_name, dataset_id)
+        else:
+            name = f"{cfg.dataset_name}-{datetime.now():%Y%m%d-%H%M%S}"
+            dataset_id = self.client.create_dataset(name)
+            log.info("created dataset %r (id %s)", name, dataset_id)
+        if remembered and remembered != dataset_id:
+            again = self.ledger.reset_for_new_dataset()
+            if again:
+                log.warning(
+                    "%d files uploaded to the previous dataset will be uploaded to the new one",
+                    again,
+                )
+        self.ledger.set_meta("dataset_id", dataset_id)
+        self.ledger.set_meta("dataset_config_name", cfg.dataset_name)
+        return dataset_id
+
+    # -- uploading -----------------------------------------------------------------------
+
+    def _pending_counts(self) -> dict[str, int]:
+        if self._pending_dirty:
+            assert self.ledger is not None
+            self._pending = self.ledger.pending_counts()
+            self._pending_dirty = False
+        return self._pending
+
+    def _dispatch(self, *, force: bool) -> None:
+        if not self._connected or self.stop_event.is_set():
+            return
+        assert self.ledger is not None and self._pool is not None
+        counts = {c: n for c, n in self._pending_counts().items() if c not in self._inflight}
+        for category in self.debouncer.ready(counts, force=force):
+            if not self._check_server_duplicates(category):
+                continue
+            rows = self.ledger.pending(category)
+            if not rows:
+                continue
+            log.info(
+                "category %r: uploading %d files to dataset %s",
+                category,
+                len(rows),
+                self.dataset_id,
+            )
+            self._inflight[category] = [
+                self._pool.submit(self._upload_job, category, [r.id for r in chunk])
+                for chunk in batches(rows, self.config.batch_size)
+            ]
+            self.debouncer.flushed(category)
+            self._pending_dirty = True
+
+    def _check_server_duplicates(self, category: str) -> bool:
+        """Once a run per category, before its first upload: skip what the server holds.
+
+        Returns False when the server could not be asked (the flush waits for the next round).
+        """
+        if not self.config.skip_duplicates or category in self._dup_checked:
+            return True
+        assert self.uploader is not None
+        try:
+            marked = self.uploader.mark_server_duplicates(category)
+        except MviError as exc:
+            log.warning(
+                "category %r: cannot compare with the dataset's files (%s); will retry",
+                category,
+                exc,
+            )
+            self._lost.set()
+            return False
+        self._dup_checked.add(category)
+        self.summary.duplicates += marked
+        if marked:
+            self._pending_dirty = True
+        return True
+
+    def _upload_job(self, category: str, file_ids: list[int]) -> None:
+        assert self.uploader is not None
+        if self.stop_event.is_set() or self._lost.is_set():
+            return
+        try:
+            report = self.uploader.upload_batch(category, file_ids)
+        except DatasetGone as exc:
+            log.error("the dataset is gone from the server (%s); looking it up again", exc)
+            self._lost.set()
+            return
+        except UploadsPaused as exc:
+            log.error("uploads paused: %s", exc)
+            self._lost.set()
+            return
+        except Exception:
+            log.exception(
+                "upload of %d files of category %r crashed; they stay in the ledger",
+                len(file_ids),
+                category,
+            )
+            self._lost.set()
+            return
+        self.summary.uploaded += report.uploaded
+        self.summary.rejected += report.rejected
+        if report.uploaded:
+            self._trainer_wake.set()
+
+    def _collect_uploads(self) -> None:
+        done = [c for c, futures in self._inflight.items() if all(f.done() for f in futures)]
+        for category in done:
+            del self._inflight[category]
+            self._pending_dirty = True
+
+    def _wait_uploads(self) -> None:
+        while self._inflight and not self.stop_event.is_set():
+            time.sleep(0.02)
+            self._collect_uploads()
+
+    # -- training ------------------------------------------------------------------------
+
+    def _run_trainer(self) -> None:
+        assert self.trainer is not None
+        while not self.stop_event.is_set() and not self._connected:
+            self._trainer_wake.wait(1.0)
+            self._trainer_wake.clear()
+        self.trainer.run(self._trainer_wake, self.config.poll_interval)
+
+    # -- once ----------------------------------------------------------------------------
+
+    def _run_once(self) -> int:
+        assert self.ledger is not None and self.trainer is not None
+        if not self._ensure_connected():
+            return 1
+        while len(self.gate) and not self.stop_event.is_set():
+            due = self.gate.next_due()
+            if due is not None:
+                self.stop_event.wait(max(0.0, min(1.0, due - self._clock())))
+            self._admit_settled()
+        self._dispatch(force=True)
+        self._wait_uploads()
+        if self._lost.is_set():
+            log.error("uploads stopped before everything was sent; see the errors above")
+        before = self.ledger.last_training()
+        try:
+            self.trainer.step()
+        except MviError as exc:
+            log.error("training check failed: %s", exc)
+        after = self.ledger.last_training()
+        if after is not None and (before is None or after.id != before.id):
+            self.summary.trainings_started.append(after.name)
+        self.summary.pending_left = sum(self.ledger.pending_counts().values())
+        log.info(
+            "done: %d added, %d uploaded, %d duplicates skipped, %d rejected, %d still pending",
+            self.summary.added,
+            self.summary.uploaded,
+            self.summary.duplicates,
+            self.summary.rejected,
+            self.summary.pending_left,
+        )
+        return 1 if self.summary.pending_left or self.summary.rejected or self._lost.is_set() else 0

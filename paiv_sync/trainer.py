@@ -1,0 +1,266 @@
+"""The trainer: starts (re)training once enough files were uploaded, one task at a time.
+
+A training request is written to the ledger as ``requesting`` before it is sent. If the service
+dies before the answer is recorded, the request is looked up by its (unique, time-stamped) name
+in the server's task list on the next start: found, it is followed; not found, it is withdrawn
+and made again when due. So no model is trained twice for the same uploads.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from datetime import datetime
+from typing import Any
+
+from paiv_sync import ledger as states
+from paiv_sync.api import (
+    AmbiguousError,
+    MviClient,
+    MviError,
+    NotFoundError,
+    RequestError,
+    TransientError,
+)
+from paiv_sync.ledger import Ledger, TrainingRow
+
+log = logging.getLogger(__name__)
+
+MIN_CATEGORIES = 2
+MIN_IMAGES_PER_CATEGORY = 5
+_DONE = ("trained", "failed", "completed", "error", "aborted")
+
+
+def model_name_for(base: str, when: datetime) -> str:
+    """The name of a model started at ``when``: ``<base>-<YYYYmmdd-HHMMSS>``."""
+    return f"{base}-{when:%Y%m%d-%H%M%S}"
+
+
+def missing_for_training(counts: Mapping[str, int]) -> str | None:
+    """What the dataset lacks for MVI's minimum, as a sentence; None when it is enough.
+
+    ``counts`` maps category name to the number of images the dataset holds in it.
+    """
+    enough = [c for c, n in counts.items() if n >= MIN_IMAGES_PER_CATEGORY]
+    if len(enough) >= MIN_CATEGORIES:
+        return None
+    short = sorted(
+        ((c, n) for c, n in counts.items() if n < MIN_IMAGES_PER_CATEGORY), key=lambda cn: -cn[1]
+    )
+    needed_categories = MIN_CATEGORIES - len(enough)
+    parts = [f"{c!r} has {n}" for c, n in short[: needed_categories + 2]]
+    detail = ("; " + ", ".join(parts)) if parts else ""
+    return (
+        f"MVI needs at least {MIN_CATEGORIES} categories with {MIN_IMAGES_PER_CATEGORY} images "
+        f"each; {len(enough)} {'has' if len(enough) == 1 else 'have'} enough{detail}"
+    )
+
+
+class Trainer:
+    """Decides when to train and follows each task to its end."""
+
+    def __init__(
+        self,
+        client: MviClient,
+        ledger: Ledger,
+        *,
+        model_name: str,
+        action: str,
+        threshold: int,
+        strategy: Mapping[str, Any],
+        stop_event: threading.Event,
+        now: Callable[[], datetime] = datetime.now,
+    ) -> None:
+        self.client = client
+        self.ledger = ledger
+        self.dataset_id: str | None = None
+        self.model_name = model_name
+        self.action = action
+        self.threshold = threshold
+        self.strategy = dict(strategy)
+        self._stop = stop_event
+        self._now = now
+        self._last_missing: str | None = None
+        self._last_status: dict[str, str] = {}
+
+    # -- the decision, one step at a time ------------------------------------------------
+
+    def step(self) -> TrainingRow | None:
+        """Follow open tasks, then start a training if one is due.
+
+        Returns the training row still open after this step (None when idle). Network errors
+        propagate (MviError); the caller logs them and tries again later.
+        """
+        dataset_id = self.dataset_id
+        if dataset_id is None:
+            return None
+        for row in self.ledger.open_trainings():
+            still_open = self._follow(row)
+            if still_open is not None:
+                return still_open
+        if self.action == "nothing":
+            return None
+        since = self.ledger.uploads_since_last_training()
+        if since < self.threshold:
+            return None
+        if self._busy_on_server(dataset_id):
+            return None
+        missing = self._missing(dataset_id)
+        if missing is not None:
+            if missing != self._last_missing:
+                log.warning("training waits: %s", missing)
+                self._last_missing = missing
+            return None
+        self._last_missing = None
+        return self._start(dataset_id, since)
+
+    def _busy_on_server(self, dataset_id: str) -> bool:
+        running = [
+            t
+            for t in self.client.list_tasks(status="training")
+            if t.get("dataset_id") == dataset_id and t.get("status", "training") == "training"
+        ]
+        if running:
+            log.info(
+                "training waits: task %s is already training on dataset %s",
+                running[0].get("_id"),
+                dataset_id,
+            )
+        return bool(running)
+
+    def _missing(self, dataset_id: str) -> str | None:
+        counts = {c: n.get(states.UPLOADED, 0) for c, n in self.ledger.counts().items()}
+        if missing_for_training(counts) is None:
+            return None
+        # The dataset may hold more than this service uploaded (other hosts, the web UI).
+        names = {c["_id"]: c["name"] for c in self.client.list_categories(dataset_id)}
+        server_counts: dict[str, int] = dict.fromkeys(names.values(), 0)
+        for item in self.client.iter_files(dataset_id):
+            name = names.get(item.get("category_id", ""), item.get("category_name"))
+            if name:
+                server_counts[name] = server_counts.get(name, 0) + 1
+        return missing_for_training(server_counts)
+
+    def _start(self, dataset_id: str, since: int) -> TrainingRow | None:
+        name = model_name_for(self.model_name, self._now())
+        last = self.ledger.last_training()
+        if last is not None and last.name.startswith(name):
+            name = f"{name}-{last.id + 1}"
+        pretrained = self._base_model(dataset_id) if self.action == "retrain" else None
+        row = self.ledger.training_requested(
+            name=name,
+            model_name=self.model_name,
+            dataset_id=dataset_id,
+            pretrained_model=pretrained,
+        )
+        try:
+            task_id = self.client.start_training(
+                dataset_id, name, pretrained_model=pretrained, strategy=self.strategy or None
+            )
+        except AmbiguousError as exc:
+            log.warning(
+                "training request %s may or may not have reached the server (%s); will look it up",
+                name,
+                exc,
+            )
+            return row
+        except TransientError:
+            self.ledger.training_withdrawn(row.id)
+            raise
+        except RequestError as exc:
+            self.ledger.training_finished(row.id, states.FAILED, reason=str(exc))
+            log.error("the server refused to train %s: %s", name, exc)
+            return None
+        except BaseException:
+            self.ledger.training_withdrawn(row.id)
+            raise
+        self.ledger.training_started(row.id, task_id)
+        log.info(
+            "training started: model %s (task %s) on dataset %s after %d new uploads%s",
+            name,
+            task_id,
+            dataset_id,
+            since,
+            f", retraining from model {pretrained}" if pretrained else "",
+        )
+        return self.ledger.training(row.id)
+
+    def _base_model(self, dataset_id: str) -> str | None:
+        mine = self.ledger.last_trained_task(self.model_name)
+        if mine is not None:
+            return mine
+        trained = [
+            t
+            for t in self.client.list_tasks(status="trained")
+            if t.get("dataset_id") == dataset_id and t.get("status", "trained") == "trained"
+        ]
+        if not trained:
+            log.info("retrain: no trained model yet for dataset %s; training a new one", dataset_id)
+            return None
+        newest = max(trained, key=lambda t: str(t.get("completed_at") or t.get("created_at") or ""))
+        task_id = newest.get("_id")
+        return str(task_id) if task_id else None
+
+    # -- following a task ----------------------------------------------------------------
+
+    def _follow(self, row: TrainingRow) -> TrainingRow | None:
+        if row.state == states.REQUESTING:
+            found = [t for t in self.client.list_tasks() if t.get("name") == row.name]
+            if not found:
+                log.info(
+                    "training request %s never reached the server; it will be made again", row.name
+                )
+                self.ledger.training_withdrawn(row.id)
+                return None
+            task_id = str(found[0].get("_id"))
+            self.ledger.training_started(row.id, task_id)
+            log.info("training request %s had reached the server: task %s", row.name, task_id)
+            row = self.ledger.training(row.id) or row
+        assert row.task_id is not None
+        try:
+            task = self.client.get_task(row.task_id)
+        except NotFoundError:
+            self.ledger.training_finished(row.id, states.FAILED, reason="task vanished")
+            log.error("training %s (task %s) no longer exists on the server", row.name, row.task_id)
+            return None
+        status = str(task.get("status", "unknown"))
+        if status != self._last_status.get(row.name):
+            self._last_status[row.name] = status
+            if status not in _DONE:
+                log.info("training %s (task %s): %s", row.name, row.task_id, status)
+        if status == "trained":
+            self.ledger.training_finished(row.id, states.TRAINED)
+            log.info("training %s (task %s) finished: model trained", row.name, row.task_id)
+            return None
+        if status in _DONE:
+            reason = str(task.get("fault") or task.get("message") or status)
+            self.ledger.training_finished(row.id, states.FAILED, reason=reason)
+            log.error("training %s (task %s) failed: %s", row.name, row.task_id, reason)
+            return None
+        return self.ledger.training(row.id)
+
+    # -- the thread ----------------------------------------------------------------------
+
+    def run(self, wake: threading.Event, poll_interval: float) -> None:
+        """Loop until the stop event: a step, then wait ``poll_interval`` or until woken."""
+        failures = 0
+        while not self._stop.is_set():
+            try:
+                self.step()
+                failures = 0
+                delay = poll_interval
+            except MviError as exc:
+                failures += 1
+                delay = min(poll_interval * (2 ** min(failures, 5)), 300.0)
+                log.warning("training check failed (%s); trying again in %.0f s", exc, delay)
+            except Exception:
+                failures += 1
+                delay = min(poll_interval * (2 ** min(failures, 5)), 300.0)
+                log.exception("training check crashed; trying again in %.0f s", delay)
+            started = time.monotonic()
+            while not self._stop.is_set() and time.monotonic() - started < delay:
+                if wake.wait(min(0.5, delay)):
+                    wake.clear()
+                    break

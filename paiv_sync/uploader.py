@@ -1,0 +1,458 @@
+"""The uploader: sends one category's pending files in batches and settles each file's fate.
+
+A file leaves ``pending`` only when the server confirmed it. A POST whose outcome cannot be
+known (the connection dropped after the request went out, a read timed out, a 5xx) leaves its
+files ``uploading``; before any of them is sent again, the batch is reconciled against what the
+dataset really holds, so a file is never stored twice. The server's file list carries no content
+hash, so a stored file is recognised by its original name and size in its category, counting the
+copies the ledger already knows about.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+from paiv_sync.api import (
+    AmbiguousError,
+    AuthError,
+    FileResult,
+    MviClient,
+    MviError,
+    NotFoundError,
+    RequestError,
+    TlsError,
+    TransientError,
+    UploadPart,
+)
+from paiv_sync.ledger import FileRow, Ledger
+from paiv_sync.retry import RetryPolicy
+
+log = logging.getLogger(__name__)
+
+
+class UploadsPaused(Exception):
+    """Uploads cannot go on until something outside changes (credentials, dataset, TLS)."""
+
+
+class DatasetGone(UploadsPaused):
+    """The dataset this service feeds no longer exists on the server."""
+
+
+@dataclass
+class BatchReport:
+    """What became of one batch."""
+
+    category: str
+    uploaded: int = 0
+    rejected: int = 0
+    returned: int = 0  # went back to pending (deleted, changed, or not sent at shutdown)
+    in_doubt: int = 0  # left ``uploading``: resolved against the server at the next start
+    names: list[str] = field(default_factory=list)
+
+
+class Uploader:
+    """Uploads batches of one category at a time; safe to call from several threads."""
+
+    def __init__(
+        self,
+        client: MviClient,
+        ledger: Ledger,
+        *,
+        retry: RetryPolicy,
+        stop_event: threading.Event,
+        max_file_attempts: int = 5,
+        sleep: Callable[[float], object] | None = None,
+    ) -> None:
+        self.client = client
+        self.ledger = ledger
+        self.dataset_id: str | None = None
+        self._retry = retry
+        self._stop = stop_event
+        self._max_file_attempts = max_file_attempts
+        self._sleep = sleep or stop_event.wait
+        # Reconciling reads the category's whole file list: one at a time per category.
+        self._category_locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+
+    def _category_lock(self, category: str) -> threading.Lock:
+        with self._locks_guard:
+            return self._category_locks.setdefault(category, threading.Lock())
+
+    def _backoff(self, attempt: int, hint: float | None = None) -> None:
+        if hint is not None and hint > 0:
+            delay = min(hint, self._retry.maximum)
+        else:
+            delay = min(self._retry.initial * (2 ** max(0, attempt - 1)), self._retry.maximum)
+        self._sleep(delay)
+
+    # -- one batch -----------------------------------------------------------------------
+
+    def upload_batch(self, category: str, file_ids: Sequence[int]) -> BatchReport:
+        """Send the still-pending files among ``file_ids`` (all of ``category``) to the dataset.
+
+        Returns what happened to them. Raises UploadsPaused (after putting the files back to
+        ``pending``) when the server refuses the credentials, the TLS certificate, or no longer
+        has the dataset.
+        """
+        report = BatchReport(category)
+        dataset_id = self.dataset_id
+        if dataset_id is None or self._stop.is_set():
+            return report
+        category_id = self._ensure_category(dataset_id, category)
+        if category_id is None:
+            return report
+        batch_id = self.ledger.begin_batch(category, dataset_id, file_ids)
+        attempt = 0
+        maybe_sent = False  # True once a POST of this batch may have reached the server
+        file_failures: Counter[int] = Counter()
+        while True:
+            rows = self._still_on_disk(self.ledger.batch_rows(batch_id), report)
+            if not rows:
+                break
+            if self._stop.is_set():
+                self._abandon(rows, maybe_sent, report)
+                break
+            if maybe_sent:
+                rows = self._reconcile(dataset_id, category, category_id, rows, report)
+                maybe_sent = False
+                if not rows:
+                    break
+            attempt += 1
+            try:
+                results = self.client.upload(
+                    dataset_id,
+                    [UploadPart(r.path, r.upload_name, r.content_type or "") for r in rows],
+                    category_name=category,
+                    category_id=category_id,
+                )
+            except AmbiguousError as exc:
+                maybe_sent = True
+                log.warning(
+                    "category %r: upload of %d files may or may not have reached the server (%s); "
+                    "checking the dataset before sending again",
+                    category,
+                    len(rows),
+                    exc,
+                )
+                self._backoff(attempt, getattr(exc, "retry_after", None))
+                continue
+            except TransientError as exc:
+                log.warning(
+                    "category %r: upload of %d files failed (%s); files stay pending, retrying",
+                    category,
+                    len(rows),
+                    exc,
+                )
+                self._backoff(attempt, getattr(exc, "retry_after", None))
+                continue
+            except NotFoundError as exc:
+                self.ledger.mark_pending([r.id for r in rows], reason="dataset not found")
+                report.returned += len(rows)
+                raise DatasetGone(str(exc)) from exc
+            except (AuthError, TlsError) as exc:
+                self.ledger.mark_pending([r.id for r in rows], reason=str(exc))
+                report.returned += len(rows)
+                raise UploadsPaused(str(exc)) from exc
+            except RequestError as exc:
+                self._refused_whole(rows, exc, report, file_failures)
+                continue
+            except MviError as exc:
+                # An answer of an unexpected shape: the files may be stored; check first.
+                maybe_sent = True
+                log.warning(
+                    "category %r: unexpected answer to an upload (%s); checking the "
+                    "dataset before sending again",
+                    category,
+                    exc,
+                )
+                self._backoff(attempt)
+                continue
+            except OSError as exc:
+                # A file vanished or changed while it was being sent: the request was cut short
+                # and the server stored nothing. The next round re-checks every file on disk.
+                log.warning(
+                    "category %r: a file changed while it was sent (%s); trying again",
+                    category,
+                    exc,
+                )
+                self._backoff(attempt)
+                continue
+            self._settle_results(rows, results, report, file_failures)
+        self.ledger.finish_batch(batch_id, "done" if not report.in_doubt else "in doubt")
+        if report.uploaded:
+            log.info(
+                "uploaded %d file%s to category %r of dataset %s",
+                report.uploaded,
+                "" if report.uploaded == 1 else "s",
+                category,
+                dataset_id,
+            )
+        return report
+
+    def _ensure_category(self, dataset_id: str, category: str) -> str | None:
+        attempt = 0
+        while not self._stop.is_set():
+            attempt += 1
+            try:
+                return self.client.ensure_category(dataset_id, category)
+            except TransientError as exc:
+                log.warning(
+                    "category %r: cannot look it up on the server (%s); retrying", category, exc
+                )
+                self._backoff(attempt, getattr(exc, "retry_after", None))
+            except NotFoundError as exc:
+                raise DatasetGone(str(exc)) from exc
+            except (AuthError, TlsError) as exc:
+                raise UploadsPaused(str(exc)) from exc
+        return None
+
+    def _still_on_disk(self, rows: list[FileRow], report: BatchReport) -> list[FileRow]:
+        """Drop from the batch files deleted or changed since they were hashed."""
+        keep = []
+        for row in rows:
+            try:
+                st = os.stat(row.path)
+            except FileNotFoundError:
+                self.ledger.mark_pending([row.id])
+                self.ledger.forget(row.id)
+                log.warning(
+                    "%s/%s was deleted before upload; forgotten", row.category, row.rel_path
+                )
+                report.returned += 1
+                continue
+            except OSError as exc:
+                self.ledger.mark_pending([row.id], reason=f"unreadable: {exc.strerror}")
+                log.warning("%s is unreadable (%s); will try again later", row.path, exc.strerror)
+                report.returned += 1
+                continue
+            if (st.st_size, st.st_mtime_ns) != (row.size, row.mtime_ns):
+                # Its content is being replaced: the pipeline sees the change and hashes anew.
+                self.ledger.mark_pending([row.id])
+                report.returned += 1
+                continue
+            keep.append(row)
+        return keep
+
+    def _settle_results(
+        self,
+        rows: list[FileRow],
+        results: Sequence[FileResult],
+        report: BatchReport,
+        file_failures: Counter[int],
+    ) -> None:
+        uploaded: list[tuple[int, str | None]] = []
+        rejected: list[tuple[int, str]] = []
+        by_name: dict[str, list[FileResult]] = {}
+        ordered = len(results) == len(rows)
+        if not ordered:
+            for entry in results:
+                by_name.setdefault(entry.name, []).append(entry)
+        for index, row in enumerate(rows):
+            result: FileResult | None
+            if ordered:
+                result = results[index]
+            else:
+                matches = by_name.get(row.upload_name)
+                result = matches.pop(0) if matches else None
+            if result is not None and result.ok:
+                uploaded.append((row.id, result.file_id))
+                report.names.append(f"{row.category}/{row.rel_path}")
+                continue
+            fault = (result.fault if result else None) or "no result for this file"
+            file_failures[row.id] += 1
+            if file_failures[row.id] >= self._max_file_attempts:
+                rejected.append((row.id, fault))
+                log.error(
+                    "%s/%s rejected by the server after %d attempts: %s",
+                    row.category,
+                    row.rel_path,
+                    file_failures[row.id],
+                    fault,
+                )
+            else:
+                log.warning(
+                    "%s/%s refused by the server (%s); will retry",
+                    row.category,
+                    row.rel_path,
+                    fault,
+                )
+        report.uploaded += self.ledger.mark_uploaded(uploaded)
+        if rejected:
+            self.ledger.mark_rejected(rejected)
+            report.rejected += len(rejected)
+        if len(uploaded) + len(rejected) < len(rows):
+            self._backoff(max(file_failures.values(), default=1))
+
+    def _refused_whole(
+        self,
+        rows: list[FileRow],
+        exc: RequestError,
+        report: BatchReport,
+        file_failures: Counter[int],
+    ) -> None:
+        """The server refused the whole request: find the file at fault by sending singly."""
+        if len(rows) == 1:
+            row = rows[0]
+            file_failures[row.id] += 1
+            if file_failures[row.id] >= 2:
+                self.ledger.mark_rejected([(row.id, str(exc))])
+                report.rejected += 1
+                log.error("%s/%s rejected by the server: %s", row.category, row.rel_path, exc)
+            return
+        log.warning(
+            "the server refused a batch of %d files (%s); sending them one by one", len(rows), exc
+        )
+        # Park all but the first as pending; the first goes alone next round; the rest are
+        # picked up again by the next flush.
+        self.ledger.mark_pending([r.id for r in rows[1:]])
+        report.returned += len(rows) - 1
+
+    def _abandon(self, rows: list[FileRow], maybe_sent: bool, report: BatchReport) -> None:
+        if maybe_sent:
+            report.in_doubt += len(rows)
+            log.info(
+                "stopping: %d files of category %r stay in doubt until the next start",
+                len(rows),
+                rows[0].category,
+            )
+        else:
+            self.ledger.mark_pending([r.id for r in rows])
+            report.returned += len(rows)
+
+    # -- reconciling with the server -----------------------------------------------------
+
+    def _reconcile(
+        self,
+        dataset_id: str,
+        category: str,
+        category_id: str,
+        rows: list[FileRow],
+        report: BatchReport,
+    ) -> list[FileRow]:
+        """Mark the rows the dataset already holds as uploaded; return the others.
+
+        Raises TransientError-derived errors only through the retry loop inside; gives back
+        ``rows`` unchanged if the server could not be asked before shutdown.
+        """
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                with self._category_lock(category):
+                    found = self._held_by_server(dataset_id, category, category_id, rows)
+                break
+            except TransientError as exc:
+                if self._stop.is_set():
+                    return rows
+                log.warning(
+                    "category %r: cannot list the dataset's files (%s); retrying", category, exc
+                )
+                self._backoff(attempt, getattr(exc, "retry_after", None))
+            except NotFoundError as exc:
+                raise DatasetGone(str(exc)) from exc
+            except (AuthError, TlsError) as exc:
+                raise UploadsPaused(str(exc)) from exc
+        if found:
+            report.uploaded += self.ledger.mark_uploaded(found)
+            log.info(
+                "category %r: the server had stored %d of %d files of an unanswered upload; "
+                "not sending those again",
+                category,
+                len(found),
+                len(rows),
+            )
+        done = {fid for fid, _ in found}
+        return [r for r in rows if r.id not in done]
+
+    def _held_by_server(
+        self, dataset_id: str, category: str, category_id: str, rows: Iterable[FileRow]
+    ) -> list[tuple[int, str | None]]:
+        server: dict[tuple[str, int], list[str | None]] = {}
+        listed: set[object] = set()
+        for item in self.client.iter_files(dataset_id, category_id=category_id):
+            server_id = item.get("_id")
+            if server_id is not None:
+                # Paging while files arrive can list one twice: a repeat must not count as a
+                # second copy, or an unsent file would pass for stored.
+                if server_id in listed:
+                    continue
+                listed.add(server_id)
+            key = (str(item.get("original_file_name", "")), int(item.get("size", -1) or -1))
+            server.setdefault(key, []).append(server_id)
+        known = self.ledger.uploaded_keys(category)
+        found: list[tuple[int, str | None]] = []
+        taken: Counter[tuple[str, int]] = Counter()
+        for row in rows:
+            key = (row.upload_name, row.size)
+            copies = server.get(key, [])
+            if len(copies) - known.get(key, 0) - taken[key] > 0:
+                found.append((row.id, copies[-1 - taken[key]]))
+                taken[key] += 1
+        return found
+
+    def resolve_in_doubt(self) -> int:
+        """Settle rows left ``uploading`` by a crash, against the server; return how many.
+
+        Each one the dataset holds becomes ``uploaded``; the others go back to ``pending``.
+        """
+        dataset_id = self.dataset_id
+        rows = self.ledger.in_doubt()
+        if not rows or dataset_id is None:
+            return 0
+        by_category: dict[str, list[FileRow]] = {}
+        for row in rows:
+            by_category.setdefault(row.category, []).append(row)
+        resolved = 0
+        for category, group in sorted(by_category.items()):
+            category_id = self._ensure_category(dataset_id, category)
+            if category_id is None:
+                return resolved
+            report = BatchReport(category)
+            rest = self._reconcile(dataset_id, category, category_id, group, report)
+            if self._stop.is_set() and len(rest) == len(group):
+                return resolved
+            self.ledger.mark_pending([r.id for r in rest])
+            log.info(
+                "category %r: %d files were in doubt after the last stop: %d already on the "
+                "server, %d to send again",
+                category,
+                len(group),
+                report.uploaded,
+                len(rest),
+            )
+            resolved += len(group)
+        return resolved
+
+    def mark_server_duplicates(self, category: str) -> int:
+        """With skip_duplicates: pending files of ``category`` the dataset already holds become
+        ``duplicate``; return how many.
+
+        The server's list has no content hash, so "already holds" means a file of the same
+        name and size in the same category, beyond the copies the ledger itself uploaded.
+        Raises MviError when the server cannot be asked.
+        """
+        dataset_id = self.dataset_id
+        if dataset_id is None:
+            return 0
+        categories = {c.get("name"): c.get("_id") for c in self.client.list_categories(dataset_id)}
+        category_id = categories.get(category)
+        if category_id is None:
+            return 0  # the dataset has no such category yet: nothing to clash with
+        pending = self.ledger.pending(category)
+        found = self._held_by_server(dataset_id, category, str(category_id), pending)
+        found_ids = {fid for fid, _ in found}
+        why = "the dataset already holds a file of this name and size"
+        self.ledger.mark_duplicates([(fid, why) for fid in found_ids])
+        if found_ids:
+            log.info(
+                "category %r: %d pending files are already in the dataset (same name and size); "
+                "skipping them (skip_duplicates)",
+                category,
+                len(found_ids),
+            )
+        return len(found_ids)
