@@ -119,6 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
     _common(status, suppress=True)
     demo = commands.add_parser("demo", help="a self-contained run against the built-in emulator")
     _common(demo, suppress=True)
+    service = commands.add_parser(
+        "service", help="print a systemd unit or launchd agent filled in for this installation"
+    )
+    service.add_argument("kind", choices=["systemd", "launchd"])
+    _common(service, suppress=True)
     commands.add_parser(
         "emulator", help="run the stand-in MVI server (see: emulator --help)", add_help=False
     )
@@ -139,6 +144,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         from paiv_sync.demo import run_demo
 
         return run_demo()
+    if args.command == "service":
+        if args.config is None:
+            print("paiv-sync: error: service needs --config PATH", file=sys.stderr)
+            return EXIT_USAGE
+        from paiv_sync.servicefiles import service_command
+
+        return service_command(args.kind, args.config)
     if args.config is None:
         parser.print_usage(sys.stderr)
         print(
@@ -162,18 +174,31 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(config: Config, *, once: bool) -> int:
+    from paiv_sync.sdnotify import Notifier
     from paiv_sync.service import Service
 
-    service = Service(config, once=once)
+    notifier = Notifier()
+    service = Service(
+        config, once=once, notify=notifier, watchdog_interval=notifier.watchdog_interval()
+    )
 
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
+    def on_stop(signum: int, _frame: FrameType | None) -> None:
         log.info("received %s; stopping", signal.Signals(signum).name)
         service.stop()
 
+    def on_reload(_signum: int, _frame: FrameType | None) -> None:
+        log.info("received SIGHUP; reloading the configuration")
+        service.request_reload()
+
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
-    code = service.run()
+        signal.signal(signal.SIGTERM, on_stop)
+        signal.signal(signal.SIGINT, on_stop)
+        if hasattr(signal, "SIGHUP"):
+            signal.signal(signal.SIGHUP, on_reload)
+    try:
+        code = service.run()
+    finally:
+        notifier.close()
     log.info("stopped")
     return code
 

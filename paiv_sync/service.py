@@ -71,8 +71,10 @@ class Service:
         notify: Notify = _no_notify,
         retry: RetryPolicy | None = None,
         clock: Callable[[], float] = time.monotonic,
+        watchdog_interval: float | None = None,
     ) -> None:
         self.config = config
+        self._watchdog_interval = watchdog_interval
         self.once = once
         self.stop_event = stop_event or threading.Event()
         self.summary = RunSummary()
@@ -113,7 +115,16 @@ class Service:
         self._lost = threading.Event()  # set by an upload worker: reconnect / re-resolve
         self._trainer_wake = threading.Event()
         self._trainer_thread: threading.Thread | None = None
+        self._watchdog_thread: threading.Thread | None = None
         self._warned: set[str] = set()
+        # Health, for the systemd watchdog: when the pipeline loop last turned, and when each
+        # upload worker last showed progress (a request ended or a back-off wait began).
+        self._loop_beat = clock()
+        self._job_beats: dict[int, float] = {}
+        self._beats_lock = threading.Lock()
+        self._reload_requested = threading.Event()
+        self._next_status = 0.0
+        self._status_text = ""
 
     # -- public --------------------------------------------------------------------------
 
@@ -121,6 +132,25 @@ class Service:
         """Ask every thread to finish; ``run`` returns soon after. Safe from signal handlers."""
         self.stop_event.set()
         self._trainer_wake.set()
+
+    def request_reload(self) -> None:
+        """Re-read the configuration file at the next turn of the loop (SIGHUP)."""
+        self._reload_requested.set()
+
+    def healthy(self) -> tuple[bool, str]:
+        """Whether observer, pipeline and upload workers all work; and if not, why."""
+        now = self._clock()
+        if self.watcher is not None and not self.watcher.is_alive():
+            return False, "the file watcher is not running"
+        stall_limit = max(60.0, 2 * self.config.timeout)
+        if now - self._loop_beat > stall_limit:
+            return False, f"the pipeline loop has not turned for {now - self._loop_beat:.0f} s"
+        job_limit = 3 * self.config.timeout + 2 * self._retry.maximum + 30
+        with self._beats_lock:
+            oldest = min(self._job_beats.values(), default=now)
+        if now - oldest > job_limit:
+            return False, f"an upload worker has shown no progress for {now - oldest:.0f} s"
+        return True, "ok"
 
     def hint(self, path: str, is_dir: bool) -> None:
         """A path that may have changed (the watcher's sink: never blocks, never raises)."""
@@ -151,6 +181,14 @@ class Service:
                 target=self._run_trainer, name="paiv-trainer", daemon=True
             )
             self._trainer_thread.start()
+            if self._watchdog_interval:
+                self._watchdog_thread = threading.Thread(
+                    target=self._run_watchdog,
+                    args=(self._watchdog_interval,),
+                    name="paiv-watchdog",
+                    daemon=True,
+                )
+                self._watchdog_thread.start()
             self._loop()
             return 0
         finally:
@@ -177,7 +215,11 @@ class Service:
             stop_event=self.stop_event,
         )
         self.uploader = Uploader(
-            self.client, self.ledger, retry=self._retry, stop_event=self.stop_event
+            self.client,
+            self.ledger,
+            retry=self._retry,
+            stop_event=self.stop_event,
+            sleep=self._upload_sleep,
         )
         self.trainer = Trainer(
             self.client,
@@ -211,6 +253,8 @@ class Service:
             self._pool.shutdown(wait=True, cancel_futures=True)
         if self._trainer_thread is not None:
             self._trainer_thread.join(timeout=self.config.timeout + 5)
+        if self._watchdog_thread is not None:
+            self._watchdog_thread.join(timeout=5)
         if self.client is not None:
             self.client.close()
         if self.ledger is not None:
@@ -222,7 +266,12 @@ class Service:
     def _loop(self) -> None:
         self._next_rescan = self._clock() + self.config.rescan_interval
         while not self.stop_event.is_set():
+            self._loop_beat = self._clock()
             self._pump(self._wait_time())
+            if self._reload_requested.is_set():
+                self._reload_requested.clear()
+                self._reload()
+            self._report_status()
             self._supervise()
             self._ensure_connected()
             self._admit_settled()
@@ -315,6 +364,8 @@ class Service:
             ):
                 rel = found.location.rel_path
                 seen.add(rel)
+                if len(seen) % 4096 == 0:
+                    self._loop_beat = self._clock()  # a long scan is progress too
                 stat = known.get(rel)
                 if stat is not None and stat[0] == found.size and stat[1] == found.mtime_ns:
                     continue
@@ -408,6 +459,7 @@ class Service:
         if (st.st_size, st.st_mtime_ns) != (settled.size, settled.mtime_ns):
             self.gate.offer(settled.path, st.st_size, st.st_mtime_ns)
             return
+        counts = self._pending_counts()  # before the new row, so the +1 below is right
         outcome = self.ledger.record(
             root=root,
             rel_path=rel,
@@ -426,7 +478,6 @@ class Service:
             return
         self.summary.added += 1
         self.debouncer.arrived(where.category)
-        counts = self._pending_counts()
         counts[where.category] = counts.get(where.category, 0) + 1
         count = counts[where.category]
         needed = self.debouncer.needed(count)
@@ -541,6 +592,109 @@ class Service:
         self.ledger.set_meta("dataset_config_name", cfg.dataset_name)
         return dataset_id
 
+    def _run_watchdog(self, interval: float) -> None:
+        """Ping systemd's watchdog while every part is healthy; withhold the ping otherwise."""
+        complained = False
+        while not self.stop_event.wait(interval):
+            ok, why = self.healthy()
+            if ok:
+                self._notify("WATCHDOG=1")
+                complained = False
+            elif not complained:
+                log.error("not healthy: %s; withholding the systemd watchdog ping", why)
+                complained = True
+
+    # -- status and reload ---------------------------------------------------------------
+
+    def status_line(self) -> str:
+        """One line for systemd's STATUS=: pending and uploaded counts, training state."""
+        assert self.ledger is not None
+        counts = self.ledger.counts()
+        pending = sum(c.get(states.PENDING, 0) for c in counts.values())
+        uploaded = sum(c.get(states.UPLOADED, 0) for c in counts.values())
+        rejected = sum(c.get(states.REJECTED, 0) for c in counts.values())
+        last = self.ledger.last_training()
+        training = f"; last training {last.name}: {last.state}" if last else ""
+        server = "" if self._connected else "; server not reachable"
+        return f"{pending} pending, {uploaded} uploaded, {rejected} rejected{training}{server}"
+
+    def _report_status(self) -> None:
+        now = self._clock()
+        if now < self._next_status:
+            return
+        self._next_status = now + 5.0
+        text = self.status_line()
+        if text != self._status_text:
+            self._status_text = text
+            self._notify(f"STATUS={text}")
+
+    def _reload(self) -> None:
+        """Apply a re-read configuration; keep the old one if the new one is invalid."""
+        from paiv_sync.config import ConfigError, load_config
+
+        source = self.config.source
+        if source is None:
+            log.warning("reload requested, but this configuration has no file to re-read")
+            return
+        self._notify("RELOADING=1")
+        try:
+            new = load_config(source)
+        except ConfigError as exc:
+            log.error("reload: the new configuration is invalid; keeping the running one:\n%s", exc)
+            self._notify("READY=1")
+            return
+        for warning in new.warnings:
+            log.warning("%s", warning)
+        old = self.config
+        needs_restart = [
+            name
+            for name in (
+                "base_url",
+                "username",
+                "password",
+                "api_key",
+                "verify",
+                "timeout",
+                "ledger_path",
+                "dataset_name",
+                "dataset_action",
+                "upload_workers",
+            )
+            if getattr(old, name) != getattr(new, name)
+        ]
+        if needs_restart:
+            log.warning(
+                "reload: %s changed; these take effect after a restart "
+                "(systemctl restart), the rest is applied now",
+                ", ".join(needs_restart),
+            )
+        self.config = new
+        self.debouncer.threshold = new.upload_threshold
+        self.debouncer.quiet_time = new.quiet_time
+        self.debouncer.max_delay = new.max_delay
+        if self.trainer is not None:
+            self.trainer.threshold = new.training_threshold
+            self.trainer.action = new.model_action
+            self.trainer.model_name = new.model_name
+            self.trainer.strategy = dict(new.strategy)
+        self.layout = Layout(
+            new.folders,
+            recursive=new.recursive,
+            categories=new.categories,
+            extensions=new.extensions,
+        )
+        self.gate = StabilityGate(new.settle_time, self._clock)
+        if self.watcher is not None and (
+            tuple(old.folders) != tuple(new.folders)
+            or (old.observer, old.polling_interval) != (new.observer, new.polling_interval)
+        ):
+            self.watcher.stop()
+            self._start_watcher()
+        self._pending_dirty = True
+        log.info("reload: configuration %s applied", source)
+        self._scan_all()
+        self._notify("READY=1")
+
     # -- uploading -----------------------------------------------------------------------
 
     def _pending_counts(self) -> dict[str, int]:
@@ -598,10 +752,29 @@ class Service:
             self._pending_dirty = True
         return True
 
+    def _beat_job(self) -> None:
+        with self._beats_lock:
+            self._job_beats[threading.get_ident()] = self._clock()
+
+    def _upload_sleep(self, seconds: float) -> None:
+        """The uploader's back-off wait: a sign of life, and it ends at once on shutdown."""
+        self._beat_job()
+        self.stop_event.wait(seconds)
+        self._beat_job()
+
     def _upload_job(self, category: str, file_ids: list[int]) -> None:
         assert self.uploader is not None
         if self.stop_event.is_set() or self._lost.is_set():
             return
+        self._beat_job()
+        try:
+            self._upload_job_inner(category, file_ids)
+        finally:
+            with self._beats_lock:
+                self._job_beats.pop(threading.get_ident(), None)
+
+    def _upload_job_inner(self, category: str, file_ids: list[int]) -> None:
+        assert self.uploader is not None
         try:
             report = self.uploader.upload_batch(category, file_ids)
         except DatasetGone as exc:

@@ -1,0 +1,270 @@
+"""The command line as a user runs it: a subprocess, real files, the emulator over loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from paiv_sync.emulator import Emulator
+from tests.e2e import server_count, server_files, sha, write_image
+from tests.helpers import wait_until
+
+ENV = {k: v for k, v in os.environ.items() if not k.startswith(("PAIV_", "NOTIFY_", "WATCHDOG_"))}
+
+
+def paiv(
+    *args: str, timeout: float = 60, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "paiv_sync", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        env=env or ENV,
+    )
+
+
+def write_config(path: Path, data: dict[str, Any]) -> Path:
+    path.write_text(json.dumps(data))
+    path.chmod(0o600)
+    return path
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    root = tmp_path / "images"
+    for category in ("forest", "city"):
+        (root / category).mkdir(parents=True)
+    return root
+
+
+def base_config(emulator: Emulator, root: Path, **changes: Any) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "credentials": {
+            "endpoint": emulator.url,
+            "username": "admin",
+            "password": "passw0rd",
+            "timeout": 5,
+        },
+        "threshold": {"upload": 100, "training": 1000},
+        "time": 0.2,
+        "settle_time": 0.1,
+        "dataset": {"name": "cli"},
+        "model": {"name": "cli", "action": "nothing"},
+        "folders": [str(root)],
+        "ledger": str(root.parent / "ledger.sqlite3"),
+    }
+    data.update(changes)
+    return data
+
+
+# -- configuration errors: exit 2, one clear sentence each, no traceback ------------------
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ("{not json", "not valid JSON"),
+        ('{"threshold": {"upload": -3}}', "threshold.upload"),
+        ('{"model": {"action": "sometimes"}}', "model.action"),
+        ('{"folders": ["/no/such/folder/anywhere"]}', "/no/such/folder/anywhere"),
+        ("[1, 2]", "object"),
+    ],
+)
+def test_config_errors_exit_2_with_a_sentence(tmp_path: Path, content: str, expected: str) -> None:
+    path = tmp_path / "configuration.json"
+    path.write_text(content)
+    proc = paiv("--config", str(path))
+    assert proc.returncode == 2
+    assert expected in proc.stderr
+    assert "configuration.json" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_missing_config_file_and_missing_option(tmp_path: Path) -> None:
+    proc = paiv("--config", str(tmp_path / "nope.json"))
+    assert proc.returncode == 2 and "nope.json" in proc.stderr and "Traceback" not in proc.stderr
+    proc = paiv()
+    assert proc.returncode == 2 and "--config" in proc.stderr
+
+
+def test_every_problem_reported_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "configuration.json"
+    path.write_text(
+        json.dumps(
+            {
+                "credentials": {
+                    "endpoint": "https://host",
+                    "username": "u",
+                    "password": "secret-pw",
+                },
+                "threshold": {"upload": "ten"},
+                "dataset": {"name": "d", "action": "merge"},
+                "folders": [str(tmp_path / "missing")],
+            }
+        )
+    )
+    proc = paiv("check", "--config", str(path))
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("configuration.json: ")]
+    assert len(lines) >= 3, proc.stderr
+    assert "secret-pw" not in proc.stderr + proc.stdout
+
+
+# -- commands ------------------------------------------------------------------------------
+
+
+def test_demo_exits_0_and_shows_a_trained_model() -> None:
+    proc = paiv("demo", timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "trained" in proc.stdout
+    assert "uploaded exactly once" in proc.stdout
+
+
+def test_once_uploads_everything_then_nothing_twice(emulator: Emulator, tree: Path) -> None:
+    bodies = [write_image(tree / "forest" / f"f{i}.png", i) for i in range(3)]
+    bodies += [write_image(tree / "city" / f"c{i}.png", 10 + i) for i in range(2)]
+    config = write_config(tree.parent / "configuration.json", base_config(emulator, tree))
+    first = paiv("--config", str(config), "--once")
+    assert first.returncode == 0, first.stderr
+    assert server_count(emulator) == 5
+    second = paiv("--config", str(config), "--once")
+    assert second.returncode == 0, second.stderr
+    held = server_files(emulator)
+    assert sum(held.values()) == 5
+    assert held[("forest", sha(bodies[0]))] == 1
+    status = paiv("status", "--config", str(config))
+    assert status.returncode == 0
+    forest = next(line for line in status.stdout.splitlines() if line.startswith("forest"))
+    assert forest.split()[3] == "3"  # uploaded
+
+
+def test_once_exits_1_when_the_server_is_unreachable(tree: Path) -> None:
+    write_image(tree / "forest" / "a.png", 1)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    data = {
+        "credentials": {
+            "endpoint": f"http://127.0.0.1:{port}/api",
+            "username": "admin",
+            "password": "passw0rd",
+            "timeout": 2,
+        },
+        "dataset": {"name": "x"},
+        "folders": [str(tree)],
+        "ledger": str(tree.parent / "ledger.sqlite3"),
+    }
+    config = write_config(tree.parent / "configuration.json", data)
+    proc = paiv("--config", str(config), "--once", timeout=120)
+    assert proc.returncode == 1
+    assert "127.0.0.1" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_check_reports_a_wrong_password_plainly(emulator: Emulator, tree: Path) -> None:
+    data = base_config(emulator, tree)
+    data["credentials"]["password"] = "wrong-password-123"
+    config = write_config(tree.parent / "configuration.json", data)
+    proc = paiv("check", "--config", str(config))
+    assert proc.returncode == 1
+    assert "refused the user name or password" in proc.stdout
+    assert "wrong-password-123" not in proc.stdout + proc.stderr
+
+
+def test_service_command_prints_a_filled_in_unit(emulator: Emulator, tree: Path) -> None:
+    config = write_config(tree.parent / "configuration.json", base_config(emulator, tree))
+    proc = paiv("service", "systemd", "--config", str(config))
+    assert proc.returncode == 0, proc.stderr
+    assert "Type=notify" in proc.stdout
+    assert str(config) in proc.stdout
+
+
+# -- the foreground service: readiness, SIGHUP, SIGTERM ---------------------------------
+
+
+class NotifySocket:
+    """A real datagram socket standing in for systemd's $NOTIFY_SOCKET."""
+
+    def __init__(self, path: Path) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.2)
+        self.path = path
+        self.messages: list[str] = []
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._read, name="test-notify")
+        self.thread.start()
+
+    def _read(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.messages.extend(self.sock.recv(4096).decode().splitlines())
+            except TimeoutError:
+                continue
+
+    def close(self) -> None:
+        self._stop.set()
+        self.thread.join(5)
+        self.sock.close()
+
+
+@pytest.fixture
+def notify_socket(tmp_path: Path) -> Iterator[NotifySocket]:
+    listener = NotifySocket(tmp_path / "notify.sock")
+    yield listener
+    listener.close()
+
+
+def test_foreground_service_ready_reload_and_sigterm(
+    emulator: Emulator, tree: Path, notify_socket: NotifySocket
+) -> None:
+    config_path = write_config(tree.parent / "configuration.json", base_config(emulator, tree))
+    env = dict(ENV, NOTIFY_SOCKET=str(notify_socket.path))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "paiv_sync", "--config", str(config_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        wait_until(lambda: "READY=1" in notify_socket.messages, timeout=20)
+        for i in range(3):
+            write_image(tree / "forest" / f"f{i}.png", i)
+        # Threshold 100: nothing goes up. Lower it with a reload.
+        wait_until(
+            lambda: any(m.startswith("STATUS=3 pending") for m in notify_socket.messages),
+            timeout=20,
+        )
+        assert server_count(emulator) == 0
+        # An invalid new configuration is refused and the old one kept.
+        config_path.write_text("{broken")
+        proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: notify_socket.messages.count("READY=1") >= 2, timeout=20)
+        assert proc.poll() is None
+        write_config(
+            config_path, base_config(emulator, tree, threshold={"upload": 2, "training": 1000})
+        )
+        proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: server_count(emulator) == 3, timeout=20)
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert "the new configuration is invalid" in err
+    assert "RELOADING=1" in notify_socket.messages
+    assert notify_socket.messages[-1] == "STOPPING=1"
