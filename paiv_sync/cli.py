@@ -107,6 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"paiv-sync {__version__}")
     _common(parser, suppress=False)
     parser.add_argument(
+        "--health-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="serve /healthz and Prometheus /metrics on 127.0.0.1:PORT",
+    )
+    parser.add_argument(
         "--once",
         action="store_true",
         help="reconcile, upload everything pending (ignoring the upload "
@@ -170,10 +177,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _check(config)
     if args.command == "status":
         return _status(config)
-    return _run(config, once=args.once)
+    return _run(config, once=args.once, health_port=args.health_port)
 
 
-def _run(config: Config, *, once: bool) -> int:
+def _run(config: Config, *, once: bool, health_port: int | None = None) -> int:
     from paiv_sync.sdnotify import Notifier
     from paiv_sync.service import Service
 
@@ -195,9 +202,20 @@ def _run(config: Config, *, once: bool) -> int:
         signal.signal(signal.SIGINT, on_stop)
         if hasattr(signal, "SIGHUP"):
             signal.signal(signal.SIGHUP, on_reload)
+    health = None
+    if health_port is not None and not once:
+        from paiv_sync.health import HealthServer
+
+        try:
+            health = HealthServer(service, port=health_port).start()
+        except OSError as exc:
+            log.error("cannot serve health and metrics on port %d: %s", health_port, exc)
+            return EXIT_FAILED
     try:
         code = service.run()
     finally:
+        if health is not None:
+            health.stop()
         notifier.close()
     log.info("stopped")
     return code
