@@ -123,6 +123,8 @@ class Service:
         self._job_beats: dict[int, float] = {}
         self._beats_lock = threading.Lock()
         self._reload_requested = threading.Event()
+        self.upload_retries = 0  # back-off waits of the upload workers, for /metrics
+        self.last_upload_time: float | None = None  # wall clock of the last confirmed upload
         self._next_status = 0.0
         self._status_text = ""
 
@@ -132,6 +134,11 @@ class Service:
         """Ask every thread to finish; ``run`` returns soon after. Safe from signal handlers."""
         self.stop_event.set()
         self._trainer_wake.set()
+
+    @property
+    def connected(self) -> bool:
+        """Whether the server is reachable and the dataset resolved."""
+        return self._connected
 
     def request_reload(self) -> None:
         """Re-read the configuration file at the next turn of the loop (SIGHUP)."""
@@ -759,6 +766,7 @@ class Service:
     def _upload_sleep(self, seconds: float) -> None:
         """The uploader's back-off wait: a sign of life, and it ends at once on shutdown."""
         self._beat_job()
+        self.upload_retries += 1
         self.stop_event.wait(seconds)
         self._beat_job()
 
@@ -796,6 +804,7 @@ class Service:
         self.summary.uploaded += report.uploaded
         self.summary.rejected += report.rejected
         if report.uploaded:
+            self.last_upload_time = time.time()
             self._trainer_wake.set()
 
     def _collect_uploads(self) -> None:
