@@ -6,6 +6,7 @@ Exit codes: 0 done, 1 something failed at run time (see the log), 2 bad usage or
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ from paiv_sync.config import Config, ConfigError, load_config
 log = logging.getLogger("paiv_sync")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+STOP_TIMEOUT = 20.0  # seconds; systemd's TimeoutStopSec in service-files/ is larger
 
 # syslog priorities for journald's "<N>" line prefixes.
 _JOURNAL_PRIORITY = {
@@ -192,6 +194,9 @@ def _run(config: Config, *, once: bool, health_port: int | None = None) -> int:
     def on_stop(signum: int, _frame: FrameType | None) -> None:
         log.info("received %s; stopping", signal.Signals(signum).name)
         service.stop()
+        # A clean stop takes a few seconds at most. Should it ever hang, print every thread's
+        # stack (so the cause can be found) and exit rather than wait for a SIGKILL.
+        faulthandler.dump_traceback_later(STOP_TIMEOUT, exit=True)
 
     def on_reload(_signum: int, _frame: FrameType | None) -> None:
         log.info("received SIGHUP; reloading the configuration")

@@ -259,7 +259,12 @@ def test_foreground_service_ready_reload_and_sigterm(
         proc.send_signal(signal.SIGHUP)
         wait_until(lambda: server_count(emulator) == 3, timeout=20)
         proc.send_signal(signal.SIGTERM)
-        _out, err = proc.communicate(timeout=30)
+        try:
+            _out, err = proc.communicate(timeout=40)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _out, err = proc.communicate()
+            raise AssertionError(f"no exit within 40 s of SIGTERM; its log:\n{err}") from None
     finally:
         if proc.poll() is None:
             proc.kill()
