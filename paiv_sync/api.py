@@ -49,6 +49,7 @@ __all__ = [
     "TlsError",
     "TransientError",
     "UploadPart",
+    "wire_name",
 ]
 
 _log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ _log = logging.getLogger(__name__)
 # worker for the full read timeout, which has to cover the server storing a large batch.
 _MAX_CONNECT_TIMEOUT = 10.0
 _READ_CHUNK = 256 * 1024
+_URLLIB3_TAKES_BLOCKSIZE = int(str(getattr(urllib3, "__version__", "1")).split(".", 1)[0]) >= 2
 
 
 # --------------------------------------------------------------------------- exceptions
@@ -195,7 +197,7 @@ class _MultipartBody:
                 delimiter + field.render_headers().encode("utf-8") + value.encode("utf-8") + b"\r\n"
             )
         for part in parts:
-            field = RequestField(name="files", data=b"", filename=part.name)
+            field = RequestField(name="files", data=b"", filename=wire_name(part.name))
             field.make_multipart(content_type=part.content_type)
             segments.append(delimiter + field.render_headers().encode("utf-8"))
             segments.append((part.path, part.path.stat().st_size))
@@ -276,6 +278,43 @@ class _MultipartBody:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+class _Adapter(requests.adapters.HTTPAdapter):
+    """Sends request bodies in blocks of ``_READ_CHUNK`` instead of urllib3's 16 kB.
+
+    Fewer, larger reads of the multipart body and fewer send calls per upload. Only urllib3 2
+    takes the setting; with urllib3 1.x the adapter is a plain HTTPAdapter.
+    """
+
+    def init_poolmanager(
+        self, connections: int, maxsize: int, block: bool = False, **pool_kwargs: Any
+    ) -> None:
+        if _URLLIB3_TAKES_BLOCKSIZE:
+            pool_kwargs.setdefault("blocksize", _READ_CHUNK)
+        super().init_poolmanager(connections, maxsize, block, **pool_kwargs)
+
+    def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> Any:
+        if _URLLIB3_TAKES_BLOCKSIZE:
+            proxy_kwargs.setdefault("blocksize", _READ_CHUNK)
+        return super().proxy_manager_for(proxy, **proxy_kwargs)
+
+
+# Characters that cannot travel unchanged in the file name of a multipart part header: a line
+# break would end the header (urllib3 sends it as "%0A", which servers keep as is), and servers
+# undo the quoting of double quotes and backslashes differently. Each becomes "_", so the name
+# the server records is one the client can predict — and find again in the dataset's list.
+_UNSAFE_NAME_CHARS = dict.fromkeys([*range(0x20), 0x7F, ord('"'), ord("\\")], "_")
+
+
+def wire_name(name: str) -> str:
+    """Return the file name as it is sent to the server, and so as the server records it.
+
+    Takes a file name (no folders); returns it with control characters, double quotes and
+    backslashes replaced by ``_``. Anything else, spaces and non-ASCII letters included, is
+    kept.
+    """
+    return name.translate(_UNSAFE_NAME_CHARS)
 
 
 def _strip_userinfo(url: str) -> str:
@@ -429,7 +468,6 @@ class MviClient:
                 f"the CA bundle {verify!r} given as credentials.verify does not exist; "
                 "give the path of the server's CA certificate (PEM), or true, or false"
             )
-        self._verify = verify
         if verify is False:
             _log.warning(
                 "TLS certificate verification is OFF for %s: the connection can be intercepted; "
@@ -445,6 +483,17 @@ class MviClient:
         self._session = requests.Session()
         self._session.headers["User-Agent"] = f"paiv-sync/{__version__}"
         self._session.headers["Accept"] = "application/json"
+        adapter = _Adapter()
+        self._session.mount("https://", adapter)
+        self._session.mount("http://", adapter)
+        # requests reads the proxy and CA-bundle variables from the environment again for every
+        # request (about a millisecond with a typical environment, on every upload); read them
+        # once here instead, with the same rules, and stop requests from reading them again.
+        settings = self._session.merge_environment_settings(self._base, {}, None, verify, None)
+        self._session.trust_env = False
+        self._session.proxies.update(settings.get("proxies") or {})
+        found = settings.get("verify")
+        self._verify: bool | str = found if isinstance(found, (bool, str)) else verify
         self._token: str | None = self._api_key
         self._auth_lock = threading.Lock()
         self._category_lock = threading.Lock()
@@ -1000,8 +1049,9 @@ class MviClient:
                 reason="no resultList",
             )
         names = [e.get("original_file_name") for e in entries]
+        sent = [wire_name(p.name) for p in parts]  # what the server saw and records
         if len(entries) == len(parts) and all(
-            n is None or n == p.name for n, p in zip(names, parts, strict=True)
+            n is None or n == w for n, w in zip(names, sent, strict=True)
         ):
             matched: list[dict[str, Any] | None] = list(entries)
         else:
@@ -1009,7 +1059,7 @@ class MviClient:
             for entry, entry_name in zip(entries, names, strict=True):
                 if isinstance(entry_name, str):
                     by_name.setdefault(entry_name, deque()).append(entry)
-            matched = [by_name[p.name].popleft() if by_name.get(p.name) else None for p in parts]
+            matched = [by_name[w].popleft() if by_name.get(w) else None for w in sent]
         unmatched = [p.name for p, e in zip(parts, matched, strict=True) if e is None]
         if unmatched:
             raise AmbiguousError(

@@ -450,10 +450,12 @@ class _Section:
                 for section, keys in _SECTION_KEYS.items()
                 if section != self.path and name in keys
             ]
-            if close:
-                hint = f' (did you mean "{close[0]}"?)'
-            elif elsewhere:
+            # The exact name of a key of another section says more than a near miss here:
+            # a top-level "upload" is "threshold.upload", not a misspelt "upload_workers".
+            if elsewhere:
                 hint = f' (it belongs in "{elsewhere[0]}")'
+            elif close:
+                hint = f' (did you mean "{close[0]}"?)'
             else:
                 hint = ""
             self.report.warn(self.key(name), f"unknown key, ignored{hint}")

@@ -11,7 +11,9 @@ and the demo, so nothing has to be downloaded.
 from __future__ import annotations
 
 import functools
+import os
 import random
+import stat
 import struct
 import zlib
 from pathlib import Path
@@ -142,17 +144,25 @@ def _jpeg_scan_start(handle: BinaryIO, head: bytes, size: int) -> int | None:
     return 2
 
 
+def _open_nonblocking(path: str, flags: int) -> int:
+    return os.open(path, flags | getattr(os, "O_NONBLOCK", 0))
+
+
 def check_image(path: Path, max_size: int | None = None) -> str | None:
     """Check that a file is a complete JPEG or PNG image.
 
     Takes the file's path and an optional size limit in bytes. Returns None when the file is
     a complete image of an accepted kind, else a short reason a person can act on, e.g.
-    ``"empty file"``, ``"not an image (starts with text)"``,
+    ``"empty file"``, ``"not a regular file (…)"``, ``"not an image (starts with text)"``,
     ``"truncated JPEG (no end-of-image marker)"``, ``"truncated PNG (no IEND chunk)"`` or
     ``"larger than the size limit (123 MB > 100 MB)"``. Reads only the head and the tail.
     Raises OSError when the file cannot be opened or read.
     """
-    with Path(path).open("rb") as handle:
+    # O_NONBLOCK: opening a named pipe (a FIFO called "x.jpg") would otherwise wait for a
+    # writer forever; for a regular file the flag changes nothing.
+    with open(path, "rb", opener=_open_nonblocking) as handle:
+        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+            return "not a regular file (a named pipe, socket or device)"
         head = handle.read(HEAD_SIZE)
         size = handle.seek(0, 2)
         if size == 0:

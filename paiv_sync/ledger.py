@@ -83,6 +83,16 @@ CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS replaced_uploads (
+    id             INTEGER PRIMARY KEY,
+    category       TEXT    NOT NULL,
+    upload_name    TEXT    NOT NULL,
+    size           INTEGER NOT NULL,
+    sha256         TEXT,
+    server_file_id TEXT,
+    replaced_at    REAL    NOT NULL
+);
+CREATE INDEX IF NOT EXISTS replaced_by_key ON replaced_uploads (category, upload_name, size);
 """
 
 # Training states kept in the ledger. ``requesting`` means the POST /dltasks may or may not have
@@ -99,6 +109,17 @@ class LedgerError(Exception):
 
 class LedgerLocked(LedgerError):
     """Another paiv-sync process holds the ledger."""
+
+
+class LedgerCorrupt(LedgerError):
+    """The ledger's database file is damaged (not a database, or malformed)."""
+
+
+# SQLite's primary result codes for a damaged file: SQLITE_CORRUPT and SQLITE_NOTADB.
+_CORRUPT_CODES = (11, 26)
+
+# Why a row is in doubt after the ledger was rebuilt: the server may hold the file already.
+RECOVERED_REASON = "ledger rebuilt: to be checked against the dataset before any upload"
 
 
 @dataclass(frozen=True)
@@ -169,12 +190,19 @@ class Ledger:
     """
 
     def __init__(
-        self, path: Path, *, clock: Callable[[], float] = time.time, readonly: bool = False
+        self,
+        path: Path,
+        *,
+        clock: Callable[[], float] = time.time,
+        readonly: bool = False,
+        recover: bool = False,
     ) -> None:
         self.path = path
         self._clock = clock
         self._lock = threading.RLock()
         self._lock_file: Any = None
+        self.rebuilt = False  # True when a corrupt database was moved aside (``recover``)
+        self._recovering = False
         if readonly:
             # For ``status`` while the service runs: no lock, no writes (WAL allows readers).
             if not path.exists():
@@ -189,18 +217,106 @@ class Ledger:
             return
         self._lock_file = self._take_lock(path)
         try:
-            self._db = sqlite3.connect(
+            try:
+                self._db = self._connect(path)
+            except LedgerCorrupt as exc:
+                if not recover:
+                    raise
+                # The lock is still ours: nobody else can open the file while it moves aside.
+                aside = self._move_aside(path)
+                log.error(
+                    "the ledger %s is corrupt (%s); it was moved aside to %s and a new one is "
+                    "being built: every file on disk will be checked against the dataset "
+                    "before anything is uploaded, so files the server already holds (same "
+                    "name and size in the same category) are not sent again",
+                    path,
+                    exc.__cause__ or exc,
+                    aside,
+                )
+                self._db = self._connect(path)
+                self.set_meta("recovering", str(self._clock()))
+                self.rebuilt = True
+        except BaseException:
+            self._release_lock()
+            raise
+        self._recovering = self.get_meta("recovering") is not None
+
+    @classmethod
+    def open_or_recover(
+        cls, path: Path, *, clock: Callable[[], float] = time.time
+    ) -> tuple[Ledger, bool]:
+        """Open the ledger at ``path`` for this process; rebuild it when it is corrupt.
+
+        A corrupt database (and its WAL) is moved aside to ``<path>.corrupt-<timestamp>`` and
+        an empty ledger takes its place, in *recovery*: until ``end_recovery`` every file
+        recorded is ``uploading`` (in doubt), so the uploader's ``resolve_in_doubt`` decides
+        against the server which ones are already in the dataset. Returns the ledger and
+        whether it was rebuilt now. Raises LedgerLocked when another process has it open,
+        LedgerError when it cannot be created, read or moved aside.
+        """
+        ledger = cls(path, clock=clock, recover=True)
+        return ledger, ledger.rebuilt
+
+    def _connect(self, path: Path) -> sqlite3.Connection:
+        """Open, set up and check the database; raise LedgerCorrupt or LedgerError."""
+        db: sqlite3.Connection | None = None
+        try:
+            db = sqlite3.connect(
                 str(path), check_same_thread=False, isolation_level=None, timeout=30
             )
-            self._db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA journal_mode=WAL")
             # FULL: a state change that was committed survives a power cut, so an upload the
             # server confirmed is never forgotten (and so never sent twice).
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(_SCHEMA)
-            self._check_version()
+            db.execute("PRAGMA synchronous=FULL")
+            # A damaged page can hide until the row on it is read: look at every page now,
+            # while the file can still be set aside, rather than fail in the middle of a run.
+            verdict = db.execute("PRAGMA quick_check(1)").fetchone()
+            if verdict is None or verdict[0] != "ok":
+                raise sqlite3.DatabaseError(f"integrity check: {verdict[0] if verdict else '?'}")
+            db.executescript(_SCHEMA)
+            self._db = db
+            try:
+                self._check_version()
+            except LedgerError:
+                db.close()
+                raise
         except sqlite3.DatabaseError as exc:
-            self._release_lock()
+            if db is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    db.close()
+            code = getattr(exc, "sqlite_errorcode", None)
+            corrupt = (code is not None and code & 0xFF in _CORRUPT_CODES) or str(exc).startswith(
+                ("integrity check", "file is not a database", "database disk image is malformed")
+            )
+            if corrupt:
+                raise LedgerCorrupt(f"ledger {path} cannot be used: it is corrupt ({exc})") from exc
             raise LedgerError(f"ledger {path} cannot be used: {exc}") from exc
+        return db
+
+    def _move_aside(self, path: Path) -> Path:
+        """Rename the damaged database and its WAL/SHM files; return the new main name.
+
+        Raises LedgerError when they cannot be renamed.
+        """
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(self._clock()))
+        aside = Path(f"{path}.corrupt-{stamp}")
+        extra = 1
+        while aside.exists():
+            extra += 1
+            aside = Path(f"{path}.corrupt-{stamp}-{extra}")
+        try:
+            # The WAL goes along with its database (sqlite finds it as ``<name>-wal``): left in
+            # place, it would be replayed into the new, empty ledger.
+            for suffix in ("-wal", "-shm", ""):
+                source = Path(f"{path}{suffix}")
+                if source.exists():
+                    source.rename(Path(f"{aside}{suffix}"))
+        except OSError as exc:
+            raise LedgerError(
+                f"ledger {path} is corrupt and cannot be moved aside ({exc.strerror or exc}); "
+                "move or delete it by hand"
+            ) from exc
+        return aside
 
     # -- opening and closing -------------------------------------------------------------
 
@@ -296,6 +412,22 @@ class Ledger:
         """How many files this ledger has ever seen confirmed by the server."""
         return int(self.get_meta("uploads_total") or 0)
 
+    @property
+    def recovering(self) -> bool:
+        """True while a rebuilt ledger records new files as in doubt (see ``open_or_recover``).
+
+        It stays true across restarts until ``end_recovery``.
+        """
+        return self._recovering
+
+    def end_recovery(self) -> None:
+        """Every file on disk has been recorded after a rebuild: new files are pending again."""
+        with self._transaction() as db:
+            db.execute("DELETE FROM meta WHERE key = 'recovering'")
+        if self._recovering:
+            log.info("ledger %s rebuilt: every file on disk is recorded", self.path)
+        self._recovering = False
+
     # -- files ---------------------------------------------------------------------------
 
     def lookup(self, root: str, rel_path: str) -> FileRow | None:
@@ -336,9 +468,11 @@ class Ledger:
 
         A known path with the same content only has its stat data refreshed (a ``touch`` or a
         copy with new times is not a new image). A known path with new content becomes a new
-        ``pending`` image unless its previous POST is still in doubt. With ``skip_duplicates``,
-        content that the category already holds (uploaded or on its way) is recorded as
-        ``duplicate``.
+        ``pending`` image unless its previous POST is still in doubt; the server's copy of the
+        old content is remembered, so that it is never taken for the new one. With
+        ``skip_duplicates``, content that the category already holds (uploaded or on its way)
+        is recorded as ``duplicate``. While the ledger is ``recovering`` a new image is
+        recorded ``uploading`` (in doubt) instead of ``pending``.
         """
         now = self._clock()
         with self._transaction() as db:
@@ -357,13 +491,29 @@ class Ledger:
                 # New content while the old one's POST is in doubt: leave the row (and its stat
                 # data) alone, so the next scan sees the change again once the batch is settled.
                 return Outcome(old, new=False)
-            state, reason = PENDING, None
+            if old is not None and old.state == UPLOADED:
+                # The dataset keeps the old content under the same name (and perhaps the same
+                # size): remember that copy, or reconciling could take it for the new content.
+                db.execute(
+                    "INSERT INTO replaced_uploads (category, upload_name, size, sha256, "
+                    "server_file_id, replaced_at) VALUES (?, ?, ?, ?, ?, ?)",
+                    (old.category, old.upload_name, old.size, old.sha256, old.server_file_id, now),
+                )
+            state, reason = (UPLOADING, RECOVERED_REASON) if self._recovering else (PENDING, None)
             if skip_duplicates:
                 twin = db.execute(
                     "SELECT rel_path FROM files WHERE category = ? AND sha256 = ? "
                     "AND state IN (?, ?, ?) AND NOT (root = ? AND rel_path = ?) LIMIT 1",
                     (category, sha256, PENDING, UPLOADING, UPLOADED, root, rel_path),
                 ).fetchone()
+                if (
+                    twin is None
+                    and db.execute(
+                        "SELECT 1 FROM replaced_uploads WHERE category = ? AND sha256 = ? LIMIT 1",
+                        (category, sha256),
+                    ).fetchone()
+                ):
+                    twin = ("a file since replaced by new content",)
                 if twin is not None:
                     state, reason = DUPLICATE, f"same content as {twin[0]}"
             upload_name = Path(rel_path).name
@@ -475,6 +625,19 @@ class Ledger:
         )
         return {r[0]: int(r[1]) for r in rows}
 
+    def returned_counts(self) -> dict[str, int]:
+        """``category -> pending files that were handed to the uploader before``.
+
+        They passed the upload threshold once and came back (in doubt after a crash and not on
+        the server, not sent at shutdown, paused uploads): they need not wait for it again.
+        """
+        rows = self._query(
+            "SELECT category, COUNT(*) FROM files WHERE state = ? AND attempts > 0 "
+            "GROUP BY category",
+            (PENDING,),
+        )
+        return {r[0]: int(r[1]) for r in rows}
+
     def in_doubt(self) -> list[FileRow]:
         """Rows whose POST was in flight when the service stopped: the server may hold them."""
         rows = self._query(
@@ -499,11 +662,17 @@ class Ledger:
         return [FileRow(*r) for r in rows]
 
     def uploaded_keys(self, category: str) -> dict[tuple[str, int], int]:
-        """``(upload_name, size) -> how many`` of this category's rows are ``uploaded``."""
+        """``(upload_name, size) -> how many`` copies this ledger put into ``category``.
+
+        Counts the rows that are ``uploaded`` and the earlier contents of files replaced
+        since they were uploaded (their copies stay in the dataset).
+        """
         rows = self._query(
-            "SELECT upload_name, size, COUNT(*) FROM files WHERE category = ? AND state = ? "
-            "GROUP BY upload_name, size",
-            (category, UPLOADED),
+            "SELECT upload_name, size, COUNT(*) FROM ("
+            "SELECT upload_name, size FROM files WHERE category = ? AND state = ? "
+            "UNION ALL SELECT upload_name, size FROM replaced_uploads WHERE category = ?"
+            ") GROUP BY upload_name, size",
+            (category, UPLOADED, category),
         )
         return {(r[0], int(r[1])): int(r[2]) for r in rows}
 
@@ -537,17 +706,29 @@ class Ledger:
         return [FileRow(*r) for r in rows]
 
     def mark_uploaded(self, results: Iterable[tuple[int, str | None]]) -> int:
-        """Rows the server confirmed: ``(file id, server file id or None)``; return how many."""
+        """Rows the server confirmed: ``(file id, server file id or None)``; return how many.
+
+        Each counts as a new upload (towards training), except rows recorded while the
+        ledger was rebuilt: those were in the dataset before.
+        """
         now = self._clock()
         with self._transaction() as db:
             changed = 0
+            recovered = 0
             for file_id, server_id in results:
-                cursor = db.execute(
+                was = db.execute(
+                    "SELECT reason FROM files WHERE id = ? AND state = ?", (file_id, UPLOADING)
+                ).fetchone()
+                if was is None:
+                    continue
+                db.execute(
                     "UPDATE files SET state = ?, server_file_id = ?, uploaded_at = ?, "
-                    "reason = NULL, updated = ? WHERE id = ? AND state = ?",
-                    (UPLOADED, server_id, now, now, file_id, UPLOADING),
+                    "reason = NULL, updated = ? WHERE id = ?",
+                    (UPLOADED, server_id, now, now, file_id),
                 )
-                changed += cursor.rowcount
+                changed += 1
+                if was[0] == RECOVERED_REASON:
+                    recovered += 1
             total = int(
                 (
                     db.execute("SELECT value FROM meta WHERE key = 'uploads_total'").fetchone()
@@ -557,7 +738,7 @@ class Ledger:
             db.execute(
                 "INSERT INTO meta (key, value) VALUES ('uploads_total', ?) "
                 "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                (str(total + changed),),
+                (str(total + changed - recovered),),
             )
         return changed
 
@@ -612,6 +793,7 @@ class Ledger:
                 (PENDING, now, UPLOADED, DUPLICATE, UPLOADING),
             )
             db.execute("DELETE FROM trainings WHERE state = ?", (REQUESTING,))
+            db.execute("DELETE FROM replaced_uploads")
             return cursor.rowcount
 
     # -- trainings -----------------------------------------------------------------------

@@ -28,7 +28,7 @@ from paiv_sync.images import check_image, content_type, sniff
 from paiv_sync.layout import Layout, Location, Skip
 from paiv_sync.ledger import Ledger, LedgerError
 from paiv_sync.retry import RetryPolicy
-from paiv_sync.scanner import scan
+from paiv_sync.scanner import SKIP_NOT_REGULAR, scan
 from paiv_sync.stability import Settled, StabilityGate
 from paiv_sync.trainer import Trainer
 from paiv_sync.uploader import DatasetGone, Uploader, UploadsPaused
@@ -37,6 +37,14 @@ from paiv_sync.watcher import Watcher
 log = logging.getLogger(__name__)
 
 Notify = Callable[[str], None]
+
+# Put on the inbox to end the pipeline loop's wait at once (stop, reload).
+_WAKE_UP = ("", False)
+
+_SKIP_SPECIAL_IMAGE = Skip(
+    "not a regular file (a named pipe, socket or device); only regular files are uploaded",
+    warn=True,
+)
 
 
 def _no_notify(_message: str) -> None:
@@ -134,6 +142,7 @@ class Service:
         """Ask every thread to finish; ``run`` returns soon after. Safe from signal handlers."""
         self.stop_event.set()
         self._trainer_wake.set()
+        self.inbox.put(_WAKE_UP)  # end the loop's wait for hints now, not a second later
 
     @property
     def connected(self) -> bool:
@@ -143,6 +152,7 @@ class Service:
     def request_reload(self) -> None:
         """Re-read the configuration file at the next turn of the loop (SIGHUP)."""
         self._reload_requested.set()
+        self.inbox.put(_WAKE_UP)
 
     def healthy(self) -> tuple[bool, str]:
         """Whether observer, pipeline and upload workers all work; and if not, why."""
@@ -177,9 +187,11 @@ class Service:
                 ", ".join(str(f) for f in self.config.folders),
                 self.config.ledger_path,
             )
-            self._scan_all()
             if not self.once:
+                # Watch first, then scan: a file written into a folder the scan has already
+                # passed still raises an event (one seen twice is harmless: the gate dedups).
                 self._start_watcher()
+            self._scan_all()
             self.ready.set()
             self._notify("READY=1")
             if self.once:
@@ -292,6 +304,9 @@ class Service:
     def _wait_time(self) -> float:
         now = self._clock()
         wait = 1.0
+        if self._lost.is_set() or not self._connected:
+            # Connecting (at start, or again after a failure) must not wait for a file event.
+            wait = min(wait, max(0.0, self._next_connect - now))
         due = self.gate.next_due()
         if due is not None:
             wait = min(wait, max(0.0, due - now))
@@ -316,6 +331,8 @@ class Service:
                 return
 
     def _take_hint(self, path: str, is_dir: bool) -> None:
+        if not path:
+            return  # _WAKE_UP: only there to end the wait
         if is_dir:
             self._scan_subtree(Path(path))
             return
@@ -323,14 +340,17 @@ class Service:
         if isinstance(where, Skip):
             self._skip(path, where)
             return
-        try:
-            st = os.stat(path, follow_symlinks=self.config.follow_symlinks)
-        except OSError:
-            return  # gone already; a rescan will tell if it matters
-        if not self.config.follow_symlinks and os.path.islink(path):
-            self._skip(path, Skip("symbolic link, not followed", warn=True))
-            return
-        self.gate.offer(path, st.st_size, st.st_mtime_ns)
+        # The scan's rules for this one path, so an event cannot let in what a scan keeps out:
+        # a link is not followed (or, with follow_symlinks, only to a target inside its root),
+        # and only a regular file is taken — opening a named pipe would block this thread.
+        for found in scan(
+            self.layout,
+            Path(path),
+            follow_symlinks=self.config.follow_symlinks,
+            on_skip=self._on_scan_skip,
+        ):
+            loc = found.location
+            self.gate.offer(os.path.join(loc.root, loc.rel_path), found.size, found.mtime_ns)
 
     def _skip(self, path: str, skip: Skip) -> None:
         if skip.warn and path not in self._warned:
@@ -391,6 +411,9 @@ class Service:
             watcher.restart()
 
     def _on_scan_skip(self, path: Path, skip: Skip) -> None:
+        if skip is SKIP_NOT_REGULAR and self.layout.classify_name(path.name) is None:
+            # Named like an image but a pipe, socket or device: the user meant a file there.
+            skip = _SKIP_SPECIAL_IMAGE
         self._skip(str(path), skip)
 
     def _scan_subtree(self, path: Path) -> None:
@@ -547,6 +570,9 @@ class Service:
         assert self.uploader is not None and self.trainer is not None
         self.client.authenticate()
         dataset_id = self._resolve_dataset()
+        if self.dataset_id is not None and dataset_id != self.dataset_id:
+            # Another dataset (the old one was deleted): what it holds has not been compared.
+            self._dup_checked.clear()
         self.dataset_id = dataset_id
         self.uploader.dataset_id = dataset_id
         self.trainer.dataset_id = dataset_id
@@ -717,28 +743,44 @@ class Service:
         assert self.ledger is not None and self._pool is not None
         counts = {c: n for c, n in self._pending_counts().items() if c not in self._inflight}
         for category in self.debouncer.ready(counts, force=force):
-            if not self._check_server_duplicates(category):
-                continue
-            rows = self.ledger.pending(category)
-            if not rows:
-                continue
-            log.info(
-                "category %r: uploading %d files to dataset %s",
-                category,
-                len(rows),
-                self.dataset_id,
-            )
-            self._inflight[category] = [
-                self._pool.submit(self._upload_job, category, [r.id for r in chunk])
-                for chunk in batches(rows, self.config.batch_size)
-            ]
+            if self.config.skip_duplicates and category not in self._dup_checked:
+                # The first flush of a category in a run compares its files with the dataset's
+                # list first. In a worker: the server may be slow or down, and this thread must
+                # go on taking in files meanwhile.
+                self._inflight[category] = [self._pool.submit(self._first_flush, category)]
+            else:
+                rows = self.ledger.pending(category)
+                if not rows:
+                    continue
+                self._log_flush(category, len(rows))
+                self._inflight[category] = [
+                    self._pool.submit(self._upload_job, category, [r.id for r in chunk])
+                    for chunk in batches(rows, self.config.batch_size)
+                ]
             self.debouncer.flushed(category)
             self._pending_dirty = True
+
+    def _log_flush(self, category: str, count: int) -> None:
+        log.info("category %r: uploading %d files to dataset %s", category, count, self.dataset_id)
+
+    def _first_flush(self, category: str) -> None:
+        """An upload job: skip what the server already holds, then send the rest in batches."""
+        assert self.ledger is not None
+        if self.stop_event.is_set() or self._lost.is_set():
+            return
+        if not self._check_server_duplicates(category):
+            return
+        rows = self.ledger.pending(category)
+        if rows:
+            self._log_flush(category, len(rows))
+        for chunk in batches(rows, self.config.batch_size):
+            self._upload_job(category, [r.id for r in chunk])
 
     def _check_server_duplicates(self, category: str) -> bool:
         """Once a run per category, before its first upload: skip what the server holds.
 
-        Returns False when the server could not be asked (the flush waits for the next round).
+        Runs in an upload worker. Returns False when the server could not be asked (the files
+        stay pending; the flush is tried again once the service has reconnected).
         """
         if not self.config.skip_duplicates or category in self._dup_checked:
             return True

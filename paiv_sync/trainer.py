@@ -15,13 +15,17 @@ from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
 
+import requests
+
 from paiv_sync import ledger as states
 from paiv_sync.api import (
     AmbiguousError,
+    AuthError,
     MviClient,
     MviError,
     NotFoundError,
     RequestError,
+    TlsError,
     TransientError,
 )
 from paiv_sync.ledger import Ledger, TrainingRow
@@ -72,6 +76,7 @@ class Trainer:
         strategy: Mapping[str, Any],
         stop_event: threading.Event,
         now: Callable[[], datetime] = datetime.now,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.client = client
         self.ledger = ledger
@@ -84,6 +89,9 @@ class Trainer:
         self._now = now
         self._last_missing: str | None = None
         self._last_status: dict[str, str] = {}
+        self._clock = clock
+        # Requests that timed out: until when the server may still be creating the task.
+        self._patience: dict[int, float] = {}
 
     # -- the decision, one step at a time ------------------------------------------------
 
@@ -155,6 +163,7 @@ class Trainer:
             dataset_id=dataset_id,
             pretrained_model=pretrained,
         )
+        started = self._clock()
         try:
             task_id = self.client.start_training(
                 dataset_id, name, pretrained_model=pretrained, strategy=self.strategy or None
@@ -165,17 +174,26 @@ class Trainer:
                 name,
                 exc,
             )
+            if isinstance(exc.__cause__, requests.exceptions.Timeout):
+                # No answer in time: the server may still be creating the task. Looked up too
+                # soon, it would pass for never made, and be made a second time.
+                self._patience[row.id] = self._clock() + 7 * (self._clock() - started)
             return row
-        except TransientError:
+        except (TransientError, AuthError, NotFoundError, TlsError):
+            # Surely not processed (never sent, 429, refused login, no such dataset).
             self.ledger.training_withdrawn(row.id)
             raise
         except RequestError as exc:
             self.ledger.training_finished(row.id, states.FAILED, reason=str(exc))
             log.error("the server refused to train %s: %s", name, exc)
             return None
-        except BaseException:
-            self.ledger.training_withdrawn(row.id)
-            raise
+        except MviError as exc:
+            # An answer of an unexpected shape: the task may exist. Withdrawing the request
+            # here could start a second training for the same uploads; look it up instead.
+            log.warning(
+                "training request %s got an unexpected answer (%s); will look it up", name, exc
+            )
+            return row
         self.ledger.training_started(row.id, task_id)
         log.info(
             "training started: model %s (task %s) on dataset %s after %d new uploads%s",
@@ -208,6 +226,10 @@ class Trainer:
     def _follow(self, row: TrainingRow) -> TrainingRow | None:
         if row.state == states.REQUESTING:
             found = [t for t in self.client.list_tasks() if t.get("name") == row.name]
+            if not found and self._clock() < self._patience.get(row.id, 0.0):
+                log.info("training request %s timed out; looking for it again later", row.name)
+                return row
+            self._patience.pop(row.id, None)
             if not found:
                 log.info(
                     "training request %s never reached the server; it will be made again", row.name

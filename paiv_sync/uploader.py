@@ -4,8 +4,16 @@ A file leaves ``pending`` only when the server confirmed it. A POST whose outcom
 known (the connection dropped after the request went out, a read timed out, a 5xx) leaves its
 files ``uploading``; before any of them is sent again, the batch is reconciled against what the
 dataset really holds, so a file is never stored twice. The server's file list carries no content
-hash, so a stored file is recognised by its original name and size in its category, counting the
-copies the ledger already knows about.
+hash, so a stored file is recognised by its original name (as sent) and size in its category,
+counting the copies the ledger already knows about -- earlier contents of replaced files included.
+
+Only rows of a batch that no thread of this process is sending are in doubt: a batch still on
+its way is left to its own worker. Limits of recognising by name and size: two files of one
+category with the same name and size (in different sub-folders) sent at the same time can be
+told apart only by the server's content, which its list does not show; and a request the server
+carries out only after the client gave up waiting (a read timeout) is looked for a few times,
+over about seven times as long as the request was given, before the files are sent again; a
+server slower than that still gets a second copy.
 """
 
 from __future__ import annotations
@@ -13,9 +21,12 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+
+import requests
 
 from paiv_sync.api import (
     AmbiguousError,
@@ -28,6 +39,7 @@ from paiv_sync.api import (
     TlsError,
     TransientError,
     UploadPart,
+    wire_name,
 )
 from paiv_sync.ledger import FileRow, Ledger
 from paiv_sync.retry import RetryPolicy
@@ -66,7 +78,9 @@ class Uploader:
         retry: RetryPolicy,
         stop_event: threading.Event,
         max_file_attempts: int = 5,
+        late_checks: int = 3,
         sleep: Callable[[float], object] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.client = client
         self.ledger = ledger
@@ -74,10 +88,17 @@ class Uploader:
         self._retry = retry
         self._stop = stop_event
         self._max_file_attempts = max_file_attempts
+        self._late_checks = late_checks
+        self._clock = clock
         self._sleep = sleep or stop_event.wait
         # Reconciling reads the category's whole file list: one at a time per category.
         self._category_locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        # Batches whose POST this process is handling right now. Their rows are ``uploading``
+        # but NOT in doubt: resolving them against the server while the POST is on its way
+        # would put them back to ``pending`` and so send them twice.
+        self._active_batches: set[int] = set()
+        self._active_lock = threading.Lock()
 
     def _category_lock(self, category: str) -> threading.Lock:
         with self._locks_guard:
@@ -106,37 +127,96 @@ class Uploader:
         category_id = self._ensure_category(dataset_id, category)
         if category_id is None:
             return report
-        batch_id = self.ledger.begin_batch(category, dataset_id, file_ids)
+        with self._active_lock:
+            batch_id = self.ledger.begin_batch(category, dataset_id, file_ids)
+            self._active_batches.add(batch_id)
+        try:
+            self._send_batch(batch_id, dataset_id, category, category_id, report)
+        finally:
+            with self._active_lock:
+                self._active_batches.discard(batch_id)
+        self.ledger.finish_batch(batch_id, "done" if not report.in_doubt else "in doubt")
+        if report.uploaded:
+            log.info(
+                "uploaded %d file%s to category %r of dataset %s",
+                report.uploaded,
+                "" if report.uploaded == 1 else "s",
+                category,
+                dataset_id,
+            )
+        return report
+
+    def _send_batch(
+        self,
+        batch_id: int,
+        dataset_id: str,
+        category: str,
+        category_id: str,
+        report: BatchReport,
+    ) -> None:
+        """POST the batch's rows until each is settled, shutdown comes, or uploads pause."""
         attempt = 0
         maybe_sent = False  # True once a POST of this batch may have reached the server
+        late_checks, late_wait = 0, 0.0  # after a timed-out POST: look again before resending
+        one_by_one = False  # after the server refused a whole request: find the file at fault
         file_failures: Counter[int] = Counter()
         while True:
-            rows = self._still_on_disk(self.ledger.batch_rows(batch_id), report)
+            rows = self.ledger.batch_rows(batch_id)
             if not rows:
-                break
-            if self._stop.is_set():
-                self._abandon(rows, maybe_sent, report)
-                break
+                return
             if maybe_sent:
-                rows = self._reconcile(dataset_id, category, category_id, rows, report)
+                # Before anything else, and whatever became of the files on disk since: the
+                # server may hold them, and only the server can say. A file touched or deleted
+                # after an unanswered POST must not go back to ``pending`` unchecked.
+                unsettled = self._reconcile(dataset_id, category, category_id, rows, report)
+                if unsettled is None:
+                    self._leave_in_doubt(rows, report)
+                    return
+                if unsettled and late_checks > 0:
+                    # The POST timed out: the server may still be storing it. Give it a few
+                    # times as long as the POST was given before sending the files again.
+                    late_checks -= 1
+                    log.info(
+                        "category %r: %d files of a timed-out upload are not in the dataset "
+                        "yet; looking again in %.1f s before sending them again",
+                        category,
+                        len(unsettled),
+                        late_wait,
+                    )
+                    self._sleep(late_wait)
+                    late_wait *= 2
+                    continue
                 maybe_sent = False
-                if not rows:
-                    break
+                rows = unsettled
+            rows = self._still_on_disk(rows, report)
+            if not rows:
+                return
+            if self._stop.is_set():
+                # Nothing of these rows can be on the server: the last POST (if any) was settled.
+                self.ledger.mark_pending([r.id for r in rows])
+                report.returned += len(rows)
+                return
             attempt += 1
+            sending = rows[:1] if one_by_one else rows
+            started = self._clock()
             try:
                 results = self.client.upload(
                     dataset_id,
-                    [UploadPart(r.path, r.upload_name, r.content_type or "") for r in rows],
+                    [UploadPart(r.path, r.upload_name, r.content_type or "") for r in sending],
                     category_name=category,
                     category_id=category_id,
                 )
             except AmbiguousError as exc:
                 maybe_sent = True
+                late_checks = 0
+                if isinstance(exc.__cause__, requests.exceptions.Timeout):
+                    late_checks = self._late_checks
+                    late_wait = max(self._clock() - started, self._retry.initial)
                 log.warning(
                     "category %r: upload of %d files may or may not have reached the server (%s); "
                     "checking the dataset before sending again",
                     category,
-                    len(rows),
+                    len(sending),
                     exc,
                 )
                 self._backoff(attempt, getattr(exc, "retry_after", None))
@@ -145,7 +225,7 @@ class Uploader:
                 log.warning(
                     "category %r: upload of %d files failed (%s); files stay pending, retrying",
                     category,
-                    len(rows),
+                    len(sending),
                     exc,
                 )
                 self._backoff(attempt, getattr(exc, "retry_after", None))
@@ -159,7 +239,18 @@ class Uploader:
                 report.returned += len(rows)
                 raise UploadsPaused(str(exc)) from exc
             except RequestError as exc:
-                self._refused_whole(rows, exc, report, file_failures)
+                if len(sending) > 1:
+                    # The rest of the batch stays in it and goes one by one right after, so no
+                    # file falls back below the upload threshold to wait for the next flush.
+                    log.warning(
+                        "the server refused a batch of %d files (%s); sending them one by one",
+                        len(sending),
+                        exc,
+                    )
+                    one_by_one = True
+                else:
+                    self._refused_alone(sending[0], exc, report, file_failures)
+                self._backoff(attempt)
                 continue
             except MviError as exc:
                 # An answer of an unexpected shape: the files may be stored; check first.
@@ -182,17 +273,7 @@ class Uploader:
                 )
                 self._backoff(attempt)
                 continue
-            self._settle_results(rows, results, report, file_failures)
-        self.ledger.finish_batch(batch_id, "done" if not report.in_doubt else "in doubt")
-        if report.uploaded:
-            log.info(
-                "uploaded %d file%s to category %r of dataset %s",
-                report.uploaded,
-                "" if report.uploaded == 1 else "s",
-                category,
-                dataset_id,
-            )
-        return report
+            self._settle_results(sending, results, report, file_failures)
 
     def _ensure_category(self, dataset_id: str, category: str) -> str | None:
         attempt = 0
@@ -288,41 +369,38 @@ class Uploader:
         if len(uploaded) + len(rejected) < len(rows):
             self._backoff(max(file_failures.values(), default=1))
 
-    def _refused_whole(
-        self,
-        rows: list[FileRow],
-        exc: RequestError,
-        report: BatchReport,
-        file_failures: Counter[int],
+    def _refused_alone(
+        self, row: FileRow, exc: RequestError, report: BatchReport, file_failures: Counter[int]
     ) -> None:
-        """The server refused the whole request: find the file at fault by sending singly."""
-        if len(rows) == 1:
-            row = rows[0]
-            file_failures[row.id] += 1
-            if file_failures[row.id] >= 2:
-                self.ledger.mark_rejected([(row.id, str(exc))])
-                report.rejected += 1
-                log.error("%s/%s rejected by the server: %s", row.category, row.rel_path, exc)
-            return
-        log.warning(
-            "the server refused a batch of %d files (%s); sending them one by one", len(rows), exc
-        )
-        # Park all but the first as pending; the first goes alone next round; the rest are
-        # picked up again by the next flush.
-        self.ledger.mark_pending([r.id for r in rows[1:]])
-        report.returned += len(rows) - 1
+        """The server refused a request holding only ``row``: rejected once it did so often.
 
-    def _abandon(self, rows: list[FileRow], maybe_sent: bool, report: BatchReport) -> None:
-        if maybe_sent:
-            report.in_doubt += len(rows)
-            log.info(
-                "stopping: %d files of category %r stay in doubt until the next start",
-                len(rows),
-                rows[0].category,
+        Several refusals are needed, not one: a refusal of the whole request may have had
+        nothing to do with the file (a fresh login that failed, a server hiccup).
+        """
+        file_failures[row.id] += 1
+        if file_failures[row.id] >= self._max_file_attempts:
+            self.ledger.mark_rejected([(row.id, str(exc))])
+            report.rejected += 1
+            log.error(
+                "%s/%s rejected by the server after %d attempts: %s",
+                row.category,
+                row.rel_path,
+                file_failures[row.id],
+                exc,
             )
         else:
-            self.ledger.mark_pending([r.id for r in rows])
-            report.returned += len(rows)
+            log.warning(
+                "%s/%s refused by the server (%s); will retry", row.category, row.rel_path, exc
+            )
+
+    def _leave_in_doubt(self, rows: list[FileRow], report: BatchReport) -> None:
+        """Shutdown came before the server could be asked: the rows stay ``uploading``."""
+        report.in_doubt += len(rows)
+        log.info(
+            "stopping: %d files of category %r stay in doubt until the next start",
+            len(rows),
+            rows[0].category,
+        )
 
     # -- reconciling with the server -----------------------------------------------------
 
@@ -333,22 +411,25 @@ class Uploader:
         category_id: str,
         rows: list[FileRow],
         report: BatchReport,
-    ) -> list[FileRow]:
+    ) -> list[FileRow] | None:
         """Mark the rows the dataset already holds as uploaded; return the others.
 
-        Raises TransientError-derived errors only through the retry loop inside; gives back
-        ``rows`` unchanged if the server could not be asked before shutdown.
+        Returns None, changing nothing, when shutdown came before the server could be asked:
+        the rows must then stay in doubt. Retries (with back-off) while the list cannot be
+        read; raises DatasetGone, UploadsPaused, or the server's RequestError once it refused
+        the listing ``max_file_attempts`` times in a row.
         """
         attempt = 0
+        refusals = 0
         while True:
+            if self._stop.is_set():
+                return None
             attempt += 1
             try:
                 with self._category_lock(category):
                     found = self._held_by_server(dataset_id, category, category_id, rows)
                 break
             except TransientError as exc:
-                if self._stop.is_set():
-                    return rows
                 log.warning(
                     "category %r: cannot list the dataset's files (%s); retrying", category, exc
                 )
@@ -357,6 +438,18 @@ class Uploader:
                 raise DatasetGone(str(exc)) from exc
             except (AuthError, TlsError) as exc:
                 raise UploadsPaused(str(exc)) from exc
+            except RequestError as exc:
+                # Servers answer "result: fail" in a 200 now and then; nothing may be sent
+                # again before the list was read, so ask again rather than give up at once.
+                refusals += 1
+                if refusals >= self._max_file_attempts:
+                    raise
+                log.warning(
+                    "category %r: the server refused to list the dataset's files (%s); retrying",
+                    category,
+                    exc,
+                )
+                self._backoff(attempt)
         if found:
             report.uploaded += self.ledger.mark_uploaded(found)
             log.info(
@@ -384,11 +477,15 @@ class Uploader:
                 listed.add(server_id)
             key = (str(item.get("original_file_name", "")), int(item.get("size", -1) or -1))
             server.setdefault(key, []).append(server_id)
-        known = self.ledger.uploaded_keys(category)
+        # The server records a file under the name it was sent as, which is not always the
+        # name on disk (see ``wire_name``): compare names as the server knows them.
+        known: Counter[tuple[str, int]] = Counter()
+        for (name, size), count in self.ledger.uploaded_keys(category).items():
+            known[(wire_name(name), size)] += count
         found: list[tuple[int, str | None]] = []
         taken: Counter[tuple[str, int]] = Counter()
         for row in rows:
-            key = (row.upload_name, row.size)
+            key = (wire_name(row.upload_name), row.size)
             copies = server.get(key, [])
             if len(copies) - known.get(key, 0) - taken[key] > 0:
                 found.append((row.id, copies[-1 - taken[key]]))
@@ -401,8 +498,13 @@ class Uploader:
         Each one the dataset holds becomes ``uploaded``; the others go back to ``pending``.
         """
         dataset_id = self.dataset_id
-        rows = self.ledger.in_doubt()
-        if not rows or dataset_id is None:
+        if dataset_id is None:
+            return 0
+        with self._active_lock:
+            # Rows of a batch this process is sending right now are not in doubt.
+            active = set(self._active_batches)
+            rows = [r for r in self.ledger.in_doubt() if r.batch_id not in active]
+        if not rows:
             return 0
         by_category: dict[str, list[FileRow]] = {}
         for row in rows:
@@ -414,7 +516,7 @@ class Uploader:
                 return resolved
             report = BatchReport(category)
             rest = self._reconcile(dataset_id, category, category_id, group, report)
-            if self._stop.is_set() and len(rest) == len(group):
+            if rest is None:
                 return resolved
             self.ledger.mark_pending([r.id for r in rest])
             log.info(

@@ -184,6 +184,13 @@ def _parser() -> argparse.ArgumentParser:
         help="Retry-After of injected 429s (%(default)s)",
     )
     faults.add_argument("--seed", type=int, help="seed for reproducible faults")
+    faults.add_argument(
+        "--fault-route",
+        action="append",
+        metavar="'METHOD /route'",
+        help="aim the faults at this route only, e.g. 'POST /dltasks'; repeatable "
+        "(default: every /api route)",
+    )
     return parser
 
 
@@ -206,6 +213,7 @@ def _options(args: argparse.Namespace) -> EmulatorOptions:
         retry_after=args.retry_after,
         fail_in_200_rate=args.fail_in_200_rate,
         seed=args.seed,
+        routes=tuple(args.fault_route or ()),
     )
     base = EmulatorOptions()
     return EmulatorOptions(

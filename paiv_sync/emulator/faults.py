@@ -80,16 +80,19 @@ class FaultInjector:
         with self._lock:
             return dict(self._counts)
 
-    def plan(self, *, is_upload: bool) -> FaultPlan:
+    def plan(self, *, is_upload: bool, route: str | None = None) -> FaultPlan:
         """Draw the plan for one request (counting it); ``is_upload`` for file uploads.
 
         Uploads never get a whole-body ``fail_in_200``: their files are decided one by one by
-        :meth:`fail_file`.
+        :meth:`fail_file`. ``route`` (``"METHOD /template"``) is checked against the options'
+        ``routes``: a request the faults are not aimed at gets none.
         """
         with self._lock:
             opts = self._options
             # Always draw the same count of numbers so that the sequence stays reproducible.
             draws = [self._random.random() for _ in range(7)]
+            if route is not None and not opts.applies_to(route):
+                return NO_FAULT
             r_latency, r_limit, r_error, r_status, r_drop, r_fail, r_store = draws
             latency = opts.latency if opts.latency > 0 and r_latency < opts.latency_rate else 0.0
             plan = NO_FAULT
@@ -110,10 +113,16 @@ class FaultInjector:
             self._count(plan)
             return plan
 
-    def fail_file(self) -> bool:
-        """Decide whether one uploaded file gets an injected ``fail`` entry (counting it)."""
+    def fail_file(self, route: str | None = None) -> bool:
+        """Decide whether one uploaded file gets an injected ``fail`` entry (counting it).
+
+        ``route`` as for :meth:`plan`.
+        """
         with self._lock:
-            failed = self._random.random() < self._options.fail_in_200_rate
+            draw = self._random.random()
+            if route is not None and not self._options.applies_to(route):
+                return False
+            failed = draw < self._options.fail_in_200_rate
             if failed:
                 self._counts["fail_in_200"] += 1
             return failed

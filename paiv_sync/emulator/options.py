@@ -18,9 +18,12 @@ class FaultOptions:
     Every ``*_rate`` is a probability in [0, 1] drawn per request (``fail_in_200_rate`` is drawn
     per file for uploads). ``latency`` and ``retry_after`` are seconds. ``seed`` makes the
     sequence of injected faults reproducible: the same seed and the same sequence of requests
-    give the same faults.
+    give the same faults. ``routes``, when not empty, aims the faults at those routes only,
+    each named as the introspection counts requests (``"POST /dltasks"``,
+    ``"POST /datasets/{id}/files"``); other requests are served without fault.
 
-    Raises ValueError on a rate outside [0, 1] or a negative duration.
+    Raises ValueError on a rate outside [0, 1], a negative duration or a route that is not a
+    ``"METHOD /path"`` string.
     """
 
     error_rate: float = 0.0
@@ -32,8 +35,20 @@ class FaultOptions:
     retry_after: float = 1.0
     fail_in_200_rate: float = 0.0
     seed: int | None = None
+    routes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        routes = self.routes
+        if isinstance(routes, str) or not isinstance(routes, (list, tuple)):
+            raise ValueError(f'routes: must be a list of "METHOD /path" strings, got {routes!r}')
+        for route in routes:
+            method, _, path = route.partition(" ") if isinstance(route, str) else ("", "", "")
+            if not method.isupper() or not path.startswith("/"):
+                raise ValueError(
+                    f'routes: expected "METHOD /path" such as "POST /dltasks", got {route!r}'
+                )
+        # Frozen means frozen: a caller's list must not change the options behind our back.
+        object.__setattr__(self, "routes", tuple(routes))
         for name in (
             "error_rate",
             "drop_rate",
@@ -55,7 +70,7 @@ class FaultOptions:
 
     @property
     def any_enabled(self) -> bool:
-        """True when at least one fault can be injected."""
+        """True when at least one fault can be injected (on some route)."""
         return any(
             (
                 self.error_rate,
@@ -78,6 +93,10 @@ class FaultOptions:
         if unknown:
             raise ValueError(f"unknown fault option(s): {', '.join(unknown)}")
         return cls(**dict(data))
+
+    def applies_to(self, route: str) -> bool:
+        """True when faults may hit ``route`` (``"METHOD /template"``)."""
+        return not self.routes or route in self.routes
 
 
 def _default_users() -> Mapping[str, str]:

@@ -153,7 +153,7 @@ class _App:
         route, args = _find(self.routes, request.method, path)
         key = f"{request.method} {route.template if route else '(unknown route)'}"
         self.state.count_request(key)
-        plan = self.faults.plan(is_upload=route is not None and route.is_upload)
+        plan = self.faults.plan(is_upload=route is not None and route.is_upload, route=key)
         if plan.latency:
             self.stopping.wait(plan.latency)
         if plan.rate_limit:
@@ -205,7 +205,9 @@ class _App:
             form = parse_upload(request.body, request.content_type, request.content_length)
         except UploadError as exc:
             raise bad_request(str(exc)) from exc
-        return self.state.store_upload(dataset_id, form, self.faults.fail_file)
+        return self.state.store_upload(
+            dataset_id, form, lambda: self.faults.fail_file("POST /datasets/{id}/files")
+        )
 
     def _reset(self, request: _Request, args: Mapping[str, str]) -> Any:
         self.state.reset()
