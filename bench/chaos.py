@@ -1,0 +1,329 @@
+"""The chaos run: thousands of files, every server fault, the client killed again and again.
+
+``python -m bench.chaos [--files 3000] [--kills 20] [--seed 1]``
+
+An emulator runs in this process with every fault it can inject switched on (5xx, dropped
+connections, 429 with Retry-After, latency spikes, ``result: fail`` for single files, tokens
+that expire every few seconds, and requests carried out whose answer is then dropped). The real
+CLI (``python -m paiv_sync --config …``) runs as a child process and is killed with SIGKILL at
+seeded random moments every few seconds, then started again, while files keep arriving in
+three categories -- written in place, renamed from a temporary name, moved in from outside.
+After the last kill, ``--once`` runs until it reports everything done (the faults stay on).
+
+Then it compares, per category and content hash, what was written with what the server holds,
+prints files written, files on the server, duplicates, lost and kills survived, and exits 1
+unless both duplicates and lost are 0 (2 when ``--once`` never finished).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from paiv_sync.emulator import Emulator, EmulatorOptions, FaultOptions
+from paiv_sync.images import make_png
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parent.parent
+CATEGORIES = ("forest", "city", "sea")
+
+# Every fault at once. Latency spikes stay below the client's read timeout (here 10 s): a
+# request the server carries out after the client stopped waiting cannot be told from a lost
+# one by any client (see paiv_sync/uploader.py), so it is no test of this one.
+FAULTS = FaultOptions(
+    error_rate=0.1,
+    drop_rate=0.03,
+    store_then_drop_rate=0.05,
+    rate_limit_rate=0.03,
+    retry_after=0.5,
+    latency=1.0,
+    latency_rate=0.03,
+    fail_in_200_rate=0.02,
+)
+TOKEN_LIFETIME = 4.0
+
+
+@dataclass
+class Tally:
+    """What happened during the run."""
+
+    written: Counter[tuple[str, str]] = field(default_factory=Counter)
+    kills: int = 0
+    starts: int = 0
+    once_runs: list[int] = field(default_factory=list)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.chaos", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--files", type=int, default=3000, help="files to write (%(default)s)")
+    parser.add_argument(
+        "--kills", type=int, default=20, help="SIGKILLs of the client, at least (%(default)s)"
+    )
+    parser.add_argument("--seed", type=int, default=1, help="seed of everything (%(default)s)")
+    parser.add_argument(
+        "--gap",
+        type=float,
+        nargs=2,
+        default=(3.0, 7.0),
+        metavar=("MIN", "MAX"),
+        help="seconds between a start and its kill, drawn uniformly (%(default)s)",
+    )
+    parser.add_argument("--workdir", type=Path, help="keep folders, ledger and logs here")
+    args = parser.parse_args(argv)
+    if args.files < 1 or args.kills < 0 or not 0 < args.gap[0] <= args.gap[1]:
+        parser.error("--files must be >= 1, --kills >= 0, and 0 < MIN <= MAX for --gap")
+    return args
+
+
+def write_config(work: Path, emulator: Emulator, root: Path) -> Path:
+    """The client's configuration (a production one, but quick to flush)."""
+    config = {
+        "credentials": {
+            "endpoint": emulator.url,
+            "username": "admin",
+            "password": "passw0rd",
+            "timeout": 10,
+        },
+        "recursive": 1,
+        "threshold": {"upload": 20, "training": 100000},
+        "skip_duplicates": 1,
+        "time": 0.5,
+        # Files arrive without a pause: flush at least every 2 s all the same.
+        "max_delay": 2.0,
+        "settle_time": 0.2,
+        "batch_size": 50,
+        "upload_workers": 2,
+        "rescan_interval": 0,
+        "dataset": {"name": "chaos", "action": "append"},
+        "model": {"name": "chaos", "action": "nothing"},
+        "folders": [str(root)],
+        "ledger": str(work / "state" / "ledger.sqlite3"),
+    }
+    path = work / "config.json"
+    path.write_text(json.dumps(config, indent=1))
+    path.chmod(0o600)
+    return path
+
+
+class Client:
+    """The CLI as a child process; every run appends to one log file."""
+
+    def __init__(self, config: Path, log_path: Path) -> None:
+        self.config = config
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, *args: str) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PAIV_")}
+        with self.log_path.open("ab") as out:
+            out.write(f"==== start {' '.join(args)}\n".encode())
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "paiv_sync", "--config", str(self.config), *args],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=REPO,
+                env=env,
+            )
+
+    def kill(self) -> bool:
+        """SIGKILL; return False when the process had already ended by itself."""
+        assert self.process is not None
+        alive = self.process.poll() is None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(30)
+        with self.log_path.open("ab") as out:
+            out.write(b"==== SIGKILL\n")
+        return alive
+
+    def wait(self, timeout: float) -> int:
+        assert self.process is not None
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return -9
+
+    def ensure_dead(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(30)
+
+
+class Writer(threading.Thread):
+    """Writes ``count`` unique images over ``seconds``, the ways cameras and people do."""
+
+    def __init__(self, root: Path, outside: Path, count: int, seconds: float, seed: int) -> None:
+        super().__init__(name="chaos-writer", daemon=True)
+        self.root = root
+        self.outside = outside
+        self.count = count
+        self.seconds = seconds
+        self.rng = random.Random(seed)
+        self.written: Counter[tuple[str, str]] = Counter()
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        pause = self.seconds / self.count
+        for i in range(self.count):
+            if self.stop.wait(pause * self.rng.uniform(0.0, 2.0)):
+                return
+            category = self.rng.choice(CATEGORIES)
+            folder = self.root / category
+            if self.rng.random() < 0.2:
+                folder = folder / f"day{self.rng.randrange(3)}"  # a sub-folder
+            folder.mkdir(parents=True, exist_ok=True)
+            body = make_png(16, 16, seed=10_000_000 + i)
+            name = f"img{i:05d}.png"
+            how = self.rng.random()
+            if how < 0.5:  # a camera: temporary name, then rename
+                temp = folder / f".{name}.part"
+                temp.write_bytes(body)
+                temp.replace(folder / name)
+            elif how < 0.8:  # written in place, in two goes
+                with (folder / name).open("wb") as handle:
+                    handle.write(body[: len(body) // 2])
+                    handle.flush()
+                    handle.write(body[len(body) // 2 :])
+            else:  # moved in from outside the watched tree
+                self.outside.mkdir(parents=True, exist_ok=True)
+                source = self.outside / name
+                source.write_bytes(body)
+                source.replace(folder / name)
+            self.written[(category, hashlib.sha256(body).hexdigest())] += 1
+
+
+def server_holds(emulator: Emulator) -> tuple[Counter[tuple[str, str]], int]:
+    """``(category, sha256) -> copies`` over every dataset, and how many datasets there are."""
+    held: Counter[tuple[str, str]] = Counter()
+    state = emulator.state()
+    for dataset in state["datasets"]:
+        for item in dataset["files"]:
+            held[(item["category_name"], item["sha256"])] += 1
+    return held, len(state["datasets"])
+
+
+def run(args: argparse.Namespace, work: Path) -> int:
+    rng = random.Random(args.seed)
+    root = work / "images"
+    for category in CATEGORIES:
+        (root / category).mkdir(parents=True, exist_ok=True)
+    faults = dataclasses.replace(FAULTS, seed=args.seed)
+    options = EmulatorOptions(port=0, token_lifetime=TOKEN_LIFETIME, faults=faults)
+    tally = Tally()
+    started = time.monotonic()
+    with Emulator(options) as emulator:
+        client = Client(write_config(work, emulator, root), work / "client.log")
+        mean_gap = sum(args.gap) / 2
+        # Files arrive during the first three quarters of the kill phase.
+        writer = Writer(root, work / "outside", args.files, 0.75 * args.kills * mean_gap, args.seed)
+        writer.start()
+        try:
+            for number in range(args.kills):
+                client.start()
+                tally.starts += 1
+                time.sleep(rng.uniform(*args.gap))
+                if client.kill():
+                    tally.kills += 1
+                else:
+                    log.warning("run %d ended by itself before its kill", number + 1)
+            writer.join()
+            for _ in range(10):
+                client.start("--once")
+                tally.starts += 1
+                tally.once_runs.append(client.wait(600))
+                if tally.once_runs[-1] == 0:
+                    break
+        finally:
+            writer.stop.set()
+            client.ensure_dead()
+        held, datasets = server_holds(emulator)
+        injected = emulator.state()["faults"]
+        requests = emulator.state()["requests"]
+    tally.written = writer.written
+    elapsed = time.monotonic() - started
+    return report(tally, held, datasets, injected, requests, work, elapsed)
+
+
+def report(
+    tally: Tally,
+    held: Counter[tuple[str, str]],
+    datasets: int,
+    injected: dict[str, int],
+    requests: dict[str, int],
+    work: Path,
+    elapsed: float,
+) -> int:
+    duplicates = sum((held - tally.written).values())
+    lost = sum((tally.written - held).values())
+    text = (work / "client.log").read_text(errors="replace")
+    # "category 'x': N files were in doubt after the last stop: S already on the server, …"
+    doubts = [
+        (int(m[1]), int(m[2]))
+        for m in re.finditer(r"(\d+) files were in doubt after the last stop: (\d+) already", text)
+    ]
+    in_doubt = sum(n for n, _ in doubts)
+    stored = sum(s for _, s in doubts)
+    # "the server had stored S of N files of an unanswered upload" (at a start or running)
+    found = [int(m[1]) for m in re.finditer(r"the server had stored (\d+) of", text)]
+    print("paiv-sync chaos run")
+    print(f"  files written        {sum(tally.written.values())}")
+    print(f"  files on the server  {sum(held.values())} (in {datasets} dataset(s))")
+    print(f"  duplicates           {duplicates}")
+    print(f"  lost                 {lost}")
+    print(f"  kills survived       {tally.kills} (SIGKILL), {tally.starts} starts")
+    print(f"  --once to finish     exit codes {tally.once_runs}")
+    print(f"  faults injected      {', '.join(f'{k} {v}' for k, v in sorted(injected.items()))}")
+    print(f"  upload requests      {requests.get('POST /datasets/{id}/files', 0)}")
+    print(
+        f"  in doubt at a start  {in_doubt} files after a kill, {stored} of them found on the "
+        "server (not sent again)"
+    )
+    print(
+        f"  found already stored {sum(found)} files in {len(found)} checks of the dataset "
+        "(after a kill or a lost answer): not sent again"
+    )
+    print(f"  wall time            {elapsed:.0f} s")
+    if duplicates or lost:
+        print(f"FAILED: see {work} (client.log, state/ledger.sqlite3)")
+        return 1
+    if not tally.once_runs or tally.once_runs[-1] != 0:
+        print(f"UNFINISHED: --once never reported everything done; see {work}/client.log")
+        return 2
+    print("OK: every file exactly once")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="chaos %(levelname)s %(message)s")
+    if args.workdir is not None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        return run(args, args.workdir)
+    work = Path(tempfile.mkdtemp(prefix="paiv-chaos-"))
+    code = run(args, work)
+    if code == 0:
+        shutil.rmtree(work, ignore_errors=True)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,375 @@
+"""Figure 1: ingest throughput, paiv-sync against a bare upload loop, and where the time goes.
+
+The limit is a loop that POSTs the same files in the same batch size over one
+``requests.Session``: no ledger, no hashing, no image check. paiv-sync runs ``--once`` (in this
+process, so its phases can be timed and profiled, and as the CLI in a child process) and in
+watch mode (files renamed into a watched folder after READY). Every run starts from an empty
+emulator and a new ledger and must leave exactly the files on the server, once each.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from bench.common import (
+    CATEGORIES,
+    CHILD_CWD,
+    PASSWORD,
+    USER,
+    EmulatorProcess,
+    Figure,
+    Section,
+    bench_config,
+    child_env,
+    human_bytes,
+    make_image_tree,
+    self_cpu_seconds,
+    stored_files,
+)
+from bench.profiling import AllThreadsProfile, describe, merge
+from paiv_sync.service import Service
+
+log = logging.getLogger(__name__)
+
+BATCH_SIZE = 20
+SETTLE = 0.1
+
+
+@dataclass
+class Run:
+    """One ingest run: wall time, CPU of both sides, and phases when known."""
+
+    label: str
+    files: int
+    seconds: float
+    client_cpu: float
+    server_cpu: float
+    phases: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def rate(self) -> float:
+        return self.files / self.seconds
+
+    def line(self) -> str:
+        return (
+            f"{self.label}: {self.files} files in {self.seconds:.2f} s = {self.rate:.0f} files/s; "
+            f"client CPU {self.client_cpu / self.seconds:.0%} of a core, "
+            f"emulator CPU {self.server_cpu / self.seconds:.0%} of a core"
+        )
+
+
+def _check_server(emulator: EmulatorProcess, expected: int, label: str) -> None:
+    state = emulator.state()
+    held = len(stored_files(state))
+    if held != expected or state["duplicates"]:
+        raise AssertionError(
+            f"{label}: the server holds {held} files ({len(state['duplicates'])} duplicated), "
+            f"expected {expected} once each"
+        )
+
+
+def _grouped(paths: list[Path]) -> dict[str, list[Path]]:
+    groups: dict[str, list[Path]] = {}
+    for path in paths:
+        groups.setdefault(path.parent.name, []).append(path)
+    return groups
+
+
+def baseline(emulator: EmulatorProcess, paths: list[Path]) -> Run:
+    """The limit: POST the files in batches over one session, nothing else."""
+    emulator.reset()
+    session = requests.Session()
+    url = emulator.url
+    try:
+        login = session.post(
+            f"{url}/tokens",
+            json={"grant_type": "password", "username": USER, "password": PASSWORD},
+            timeout=30,
+        )
+        session.headers["X-Auth-Token"] = login.json()["token"]
+        dataset = session.post(f"{url}/datasets", json={"name": "baseline"}, timeout=30)
+        dataset_id = dataset.json()["dataset_id"]
+        cpu0, server0 = self_cpu_seconds(), emulator.cpu_seconds()
+        started = time.perf_counter()
+        for category, group in _grouped(paths).items():
+            for i in range(0, len(group), BATCH_SIZE):
+                chunk = group[i : i + BATCH_SIZE]
+                handles = [path.open("rb") for path in chunk]
+                try:
+                    response = session.post(
+                        f"{url}/datasets/{dataset_id}/files",
+                        data={"category_name": category},
+                        files=[
+                            ("files", (p.name, h, "image/png"))
+                            for p, h in zip(chunk, handles, strict=True)
+                        ],
+                        timeout=60,
+                    )
+                finally:
+                    for handle in handles:
+                        handle.close()
+                results = response.json()["resultList"]
+                if response.status_code != 200 or not all(
+                    r["result"] == "success" for r in results
+                ):
+                    raise AssertionError(f"baseline upload failed: {response.text[:200]}")
+        seconds = time.perf_counter() - started
+        run = Run(
+            "limit (bare loop)",
+            len(paths),
+            seconds,
+            self_cpu_seconds() - cpu0,
+            emulator.cpu_seconds() - server0,
+        )
+    finally:
+        session.close()
+    _check_server(emulator, len(paths), "baseline")
+    return run
+
+
+_PHASES = ("_scan_all", "_ensure_connected", "_admit_settled", "_dispatch", "_wait_uploads")
+
+
+def _instrument(service: Service) -> dict[str, float]:
+    """Time the service's phases by wrapping its bound methods (benchmark only)."""
+    spent: dict[str, float] = dict.fromkeys(_PHASES, 0.0)
+    for name in _PHASES:
+        method = getattr(service, name)
+
+        def timed(
+            *args: Any, _method: Callable[..., Any] = method, _name: str = name, **kwargs: Any
+        ) -> Any:
+            started = time.perf_counter()
+            try:
+                return _method(*args, **kwargs)
+            finally:
+                spent[_name] += time.perf_counter() - started
+
+        setattr(service, name, timed)
+    return spent
+
+
+def paiv_once(
+    emulator: EmulatorProcess, root: Path, work: Path, count: int, *, profile: bool = False
+) -> tuple[Run, list[str]]:
+    """``--once`` in this process; returns the run and, with ``profile``, profile lines."""
+    emulator.reset()
+    ledger = work / f"once-{time.monotonic_ns()}.sqlite3"
+    config, _ = bench_config(
+        emulator.url, [root], ledger, batch_size=BATCH_SIZE, settle_time=SETTLE
+    )
+    service = Service(config, once=True)
+    spent = _instrument(service)
+    profiler = AllThreadsProfile() if profile else None
+    cpu0, server0 = self_cpu_seconds(), emulator.cpu_seconds()
+    started = time.perf_counter()
+    if profiler is not None:
+        profiler.start()
+    code = service.run()
+    stats = profiler.stop() if profiler is not None else None
+    seconds = time.perf_counter() - started
+    run = Run(
+        "paiv-sync --once (in-process)" + (" under cProfile" if profile else ""),
+        count,
+        seconds,
+        self_cpu_seconds() - cpu0,
+        emulator.cpu_seconds() - server0,
+    )
+    if code != 0 or service.summary.uploaded != count:
+        raise AssertionError(
+            f"--once exited {code} after uploading {service.summary.uploaded} of {count}"
+        )
+    _check_server(emulator, count, "--once")
+    phases = {
+        "open + scan + offer": spent["_scan_all"],
+        "log in + resolve dataset": spent["_ensure_connected"],
+        "check + hash + ledger (admit)": spent["_admit_settled"],
+        "upload (dispatch + wait)": spent["_dispatch"] + spent["_wait_uploads"],
+    }
+    phases["settle wait + rest"] = seconds - sum(phases.values())
+    run.phases = phases
+    lines = describe(stats, "client (paiv-sync, all threads)", seconds) if stats else []
+    return run, lines
+
+
+def paiv_cli(emulator: EmulatorProcess, root: Path, work: Path, count: int) -> Run:
+    """``paiv-sync --config … --once`` as a child process (start-up and imports included)."""
+    emulator.reset()
+    ledger = work / f"cli-{time.monotonic_ns()}.sqlite3"
+    _, data = bench_config(emulator.url, [root], ledger, batch_size=BATCH_SIZE, settle_time=SETTLE)
+    config_path = work / "cli-config.json"
+    config_path.write_text(json.dumps(data))
+    server0 = emulator.cpu_seconds()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    done = subprocess.run(
+        [
+            sys.executable,
+            *("-m", "paiv_sync", "--config", str(config_path), "--once"),
+            *("--log-level", "warning"),
+        ],
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        cwd=CHILD_CWD,
+        check=False,
+    )
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        raise AssertionError(f"paiv-sync --once exited {done.returncode}: {done.stderr[-2000:]}")
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    run = Run(
+        "paiv-sync --once (CLI process)",
+        count,
+        seconds,
+        after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime,
+        emulator.cpu_seconds() - server0,
+    )
+    _check_server(emulator, count, "CLI --once")
+    return run
+
+
+def _server_total(session: requests.Session, url: str) -> int:
+    response = session.get(f"{url}/datasets", timeout=30)
+    return sum(int(d.get("total_file_count", 0)) for d in response.json())
+
+
+def paiv_watch(emulator: EmulatorProcess, source: Path, work: Path, count: int) -> Run:
+    """Watch mode: rename the files into the watched tree after READY, time until all stored.
+
+    The files are moved back to ``source`` afterwards.
+    """
+    emulator.reset()
+    root = work / "watched"
+    for category in CATEGORIES:
+        (root / category).mkdir(parents=True, exist_ok=True)
+    ledger = work / f"watch-{time.monotonic_ns()}.sqlite3"
+    config, _ = bench_config(
+        emulator.url,
+        [root],
+        ledger,
+        batch_size=BATCH_SIZE,
+        settle_time=SETTLE,
+        time=0,
+        threshold={"upload": 1, "training": 1000},
+        rescan_interval=0,
+    )
+    service = Service(config)
+    codes: list[int] = []
+    thread = threading.Thread(target=lambda: codes.append(service.run()), name="bench-service")
+    thread.start()
+    session = requests.Session()
+    moved: list[tuple[Path, Path]] = []
+    try:
+        if not service.ready.wait(60):
+            raise AssertionError("watch mode: the service did not become ready")
+        login = session.post(
+            f"{emulator.url}/tokens",
+            json={"grant_type": "password", "username": USER, "password": PASSWORD},
+            timeout=30,
+        )
+        session.headers["X-Auth-Token"] = login.json()["token"]
+        pairs = [
+            (path, root / path.parent.name / path.name)
+            for c in CATEGORIES
+            for path in (source / c).iterdir()
+        ]
+        # Interleave the categories, as cameras writing side by side would.
+        pairs.sort(key=lambda pair: pair[0].name)
+        cpu0, server0 = self_cpu_seconds(), emulator.cpu_seconds()
+        started = time.perf_counter()
+        for src, dst in pairs:
+            src.rename(dst)
+            moved.append((src, dst))
+        deadline = time.monotonic() + 600
+        while _server_total(session, emulator.url) < count:
+            if time.monotonic() > deadline:
+                raise AssertionError("watch mode: not every file reached the server in 600 s")
+            time.sleep(0.02)
+        seconds = time.perf_counter() - started
+        run = Run(
+            f"paiv-sync watch mode (settle {SETTLE:g} s, time 0)",
+            count,
+            seconds,
+            self_cpu_seconds() - cpu0,
+            emulator.cpu_seconds() - server0,
+        )
+    finally:
+        service.stop()
+        thread.join(60)
+        session.close()
+        for src, dst in moved:
+            dst.rename(src)
+    _check_server(emulator, count, "watch mode")
+    return run
+
+
+def run(work: Path, *, quick: bool) -> Section:
+    """Run figure 1 and return its section of the report."""
+    count = 1000 if quick else 5000
+    section = Section("1. Ingest throughput")
+    source = work / "images"
+    started = time.perf_counter()
+    paths = make_image_tree(source, count, size=30_000)
+    total = sum(p.stat().st_size for p in paths)
+    section.say(
+        f"data: {count} PNGs, {human_bytes(total)} ({human_bytes(total / count)} each), "
+        f"{len(CATEGORIES)} categories, batch size {BATCH_SIZE}; made in "
+        f"{time.perf_counter() - started:.1f} s"
+    )
+    runs: list[Run] = []
+    with EmulatorProcess() as emulator:
+        # Warm the page cache and both processes once, untimed.
+        baseline(emulator, paths[: min(200, count)])
+        limit = baseline(emulator, paths)
+        once, _ = paiv_once(emulator, source, work, count)
+        cli = paiv_cli(emulator, source, work, count)
+        watch = paiv_watch(emulator, source, work, count)
+        runs += [limit, once, cli, watch]
+    with EmulatorProcess(profile=work / "emulator.prof") as emulator:
+        profiled, client_lines = paiv_once(emulator, source, work, count, profile=True)
+        server_wall = profiled.seconds
+    server_lines = describe(merge([str(work / "emulator.prof")]), "emulator", server_wall)
+    runs.append(profiled)
+    for entry in runs:
+        section.say(entry.line())
+    section.say(
+        "--once phases (in-process, unprofiled): "
+        + ", ".join(f"{name} {seconds:.2f} s" for name, seconds in once.phases.items())
+    )
+    for label, entry in (("--once in-process", once), ("--once CLI", cli), ("watch", watch)):
+        section.add(
+            Figure(
+                f"ingest {label}",
+                entry.rate,
+                "files/s",
+                baseline=limit.rate,
+                ratio=entry.rate / limit.rate,
+                goal=">= 0.8x limit",
+                met=entry.rate / limit.rate >= 0.8,
+            )
+        )
+    section.add(
+        Figure(
+            "emulator CPU during the limit run",
+            limit.server_cpu / limit.seconds * 100,
+            "% of a core",
+            note="near 100 % = the emulator is the bottleneck",
+        )
+    )
+    section.details += ["", *client_lines, "", *server_lines]
+    shutil.rmtree(work / "watched", ignore_errors=True)
+    return section
