@@ -553,6 +553,14 @@ class MviClient:
                 fault=exc.fault,
             ) from exc
         except (NotFoundError, RequestError) as exc:
+            if exc.status is not None and 200 <= exc.status < 300:
+                # "result": "fail" inside a 200 from /tokens says nothing about the password
+                # (a wrong one is a 401): a passing server fault, so the caller may retry.
+                raise TransientError(
+                    f"the server at {self._where} failed to issue a token ({exc.reason})",
+                    status=exc.status,
+                    fault=exc.fault,
+                ) from exc
             if exc.status != 404:
                 raise
             raise AuthError(

@@ -378,15 +378,48 @@ class Ledger:
         self.close()
 
     @contextlib.contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
+    def _transaction(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        """A write transaction; ``durable=False`` commits without waiting for the disk.
+
+        Only for rows the disk can give back: if a power cut loses such a commit, the next
+        scan finds the file again. In WAL mode the next durable commit syncs every earlier
+        one too, so a confirmed upload is never recorded before the rows it depends on.
+        """
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            if self._db.in_transaction:
+                # Inside batch(): a savepoint, committed (or not) with the batch.
+                self._db.execute("SAVEPOINT one")
+                try:
+                    yield self._db
+                except BaseException:
+                    self._db.execute("ROLLBACK TO one")
+                    self._db.execute("RELEASE one")
+                    raise
+                self._db.execute("RELEASE one")
+                return
+            if not durable:
+                self._db.execute("PRAGMA synchronous=NORMAL")
             try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            finally:
+                if not durable:
+                    self._db.execute("PRAGMA synchronous=FULL")
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Group the writes made inside (by this thread) into one non-durable transaction.
+
+        Each write inside is a savepoint of it. Holds the ledger for the whole block: keep it
+        short (a slice of files), with no network I/O inside.
+        """
+        with self._transaction(durable=False):
+            yield
 
     def _query(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
         with self._lock:
@@ -442,6 +475,25 @@ class Ledger:
         rows = self._query(f"SELECT {_FILE_COLUMNS} FROM files WHERE id = ?", (file_id,))
         return FileRow(*rows[0]) if rows else None
 
+    def iter_stats(self, root: str, page: int = 5000) -> Iterator[tuple[str, int, int, str]]:
+        """``(rel_path, size, mtime_ns, state)`` of every row under ``root``, by rel_path.
+
+        Read ``page`` rows at a time (keyset paging on the (root, rel_path) index), so memory
+        stays flat whatever the ledger's size; a row changed meanwhile may show either way.
+        The order is SQLite's binary order, the same as :func:`paiv_sync.scanner.scan_stats`.
+        """
+        after = ""
+        while True:
+            rows = self._query(
+                "SELECT rel_path, size, mtime_ns, state FROM files "
+                "WHERE root = ? AND rel_path > ? ORDER BY rel_path LIMIT ?",
+                (root, after, page),
+            )
+            yield from rows
+            if len(rows) < page:
+                return
+            after = rows[-1][0]
+
     def stats_under(self, root: str) -> dict[str, tuple[int, int, str]]:
         """``rel_path -> (size, mtime_ns, state)`` for every row under ``root``.
 
@@ -475,7 +527,7 @@ class Ledger:
         recorded ``uploading`` (in doubt) instead of ``pending``.
         """
         now = self._clock()
-        with self._transaction() as db:
+        with self._transaction(durable=False) as db:
             row = db.execute(
                 f"SELECT {_FILE_COLUMNS} FROM files WHERE root = ? AND rel_path = ?",
                 (root, rel_path),
@@ -565,7 +617,7 @@ class Ledger:
     ) -> FileRow:
         """Record a file that will not be uploaded (not an image, too large, …) with why."""
         now = self._clock()
-        with self._transaction() as db:
+        with self._transaction(durable=False) as db:
             db.execute(
                 "INSERT INTO files (root, rel_path, category, upload_name, size, mtime_ns, state, "
                 "reason, first_seen, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
@@ -772,7 +824,7 @@ class Ledger:
 
     def finish_batch(self, batch_id: int, outcome: str) -> None:
         """Close ``batch_id`` with a one-word outcome."""
-        with self._transaction() as db:
+        with self._transaction(durable=False) as db:
             db.execute(
                 "UPDATE batches SET finished = ?, outcome = ? WHERE id = ?",
                 (self._clock(), outcome, batch_id),

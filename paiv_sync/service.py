@@ -28,7 +28,7 @@ from paiv_sync.images import check_image, content_type, sniff
 from paiv_sync.layout import Layout, Location, Skip
 from paiv_sync.ledger import Ledger, LedgerError
 from paiv_sync.retry import RetryPolicy
-from paiv_sync.scanner import SKIP_NOT_REGULAR, scan
+from paiv_sync.scanner import SKIP_NOT_REGULAR, scan, scan_stats
 from paiv_sync.stability import Settled, StabilityGate
 from paiv_sync.trainer import Trainer
 from paiv_sync.uploader import DatasetGone, Uploader, UploadsPaused
@@ -96,7 +96,7 @@ class Service:
             categories=config.categories,
             extensions=config.extensions,
         )
-        self.gate = StabilityGate(config.settle_time, clock)
+        self.gate = StabilityGate(config.settle_time, clock, wall=time.time)
         self.debouncer = Debouncer(
             threshold=config.upload_threshold,
             quiet_time=config.quiet_time,
@@ -176,7 +176,7 @@ class Service:
     def run(self) -> int:
         """Run until stopped (or until done, with ``once``); return the exit code."""
         try:
-            self.ledger = Ledger(self.config.ledger_path)
+            self.ledger, _rebuilt = Ledger.open_or_recover(self.config.ledger_path)
         except LedgerError as exc:
             log.error("%s", exc)
             return 1
@@ -192,6 +192,8 @@ class Service:
                 # passed still raises an event (one seen twice is harmless: the gate dedups).
                 self._start_watcher()
             self._scan_all()
+            if self.ledger.recovering:
+                self._record_everything_now()
             self.ready.set()
             self._notify("READY=1")
             if self.once:
@@ -381,34 +383,85 @@ class Service:
                     "root folder %s is missing (unmounted?); will look again at the next scan", root
                 )
                 continue
-            known = self.ledger.stats_under(str(root))
-            seen: set[str] = set()
-            for found in scan(
-                self.layout,
-                root,
-                follow_symlinks=self.config.follow_symlinks,
-                on_skip=self._on_scan_skip,
-            ):
-                rel = found.location.rel_path
-                seen.add(rel)
-                if len(seen) % 4096 == 0:
-                    self._loop_beat = self._clock()  # a long scan is progress too
-                stat = known.get(rel)
-                if stat is not None and stat[0] == found.size and stat[1] == found.mtime_ns:
-                    continue
-                self.gate.offer(os.path.join(root, rel), found.size, found.mtime_ns)
-                offered += 1
-            if not root.is_dir():
-                continue  # vanished during the scan: do not take its files for deleted
-            for rel, (_size, _mtime, state) in known.items():
-                if state == states.PENDING and rel not in seen:
-                    self._forget(str(root), rel)
+            offered += self._reconcile_root(root)
         if offered:
             log.info("scan found %d new or changed files", offered)
         watcher = self.watcher
         if watcher is not None and any(root.is_dir() for root in watcher.missing_roots):
             log.info("a root folder that was missing is back; watching it again")
             watcher.restart()
+
+    def _record_everything_now(self) -> None:
+        """After the ledger was rebuilt: record every file found before talking to the server.
+
+        The ledger records them in doubt; resolving that at connect marks those the dataset
+        already holds as uploaded instead of sending them again.
+        """
+        assert self.ledger is not None
+        log.warning("ledger rebuilt: recording every file on disk before uploading anything")
+        while len(self.gate) and not self.stop_event.is_set():
+            due = self.gate.next_due()
+            if due is not None:
+                self.stop_event.wait(max(0.0, min(1.0, due - self._clock())))
+            self._admit_settled()
+        if not self.stop_event.is_set():
+            self.ledger.end_recovery()
+
+    def _reconcile_root(self, root: Path) -> int:
+        """Merge the scan of ``root`` with its ledger rows; return how many files were offered.
+
+        Both streams come in rel_path order, so one pass compares them without holding either
+        in memory: a file the ledger lacks or whose stat differs enters the gate; a pending
+        row whose file is gone is forgotten. A file out of order (reached through a followed
+        link) is looked up on its own.
+        """
+        assert self.ledger is not None
+        root_text = str(root)
+        known = self.ledger.iter_stats(root_text)
+        row = next(known, None)
+        gone: list[str] = []
+        out_of_order: set[str] = set()
+        previous = ""
+        offered = 0
+        for count, (rel, size, mtime_ns) in enumerate(
+            scan_stats(
+                self.layout,
+                root,
+                follow_symlinks=self.config.follow_symlinks,
+                on_skip=self._on_scan_skip,
+            ),
+            start=1,
+        ):
+            if count % 4096 == 0:
+                self._loop_beat = self._clock()  # a long scan is progress too
+            if rel <= previous:
+                out_of_order.add(rel)
+                found = self.ledger.lookup(root_text, rel)
+                if found is None or (found.size, found.mtime_ns) != (size, mtime_ns):
+                    self.gate.offer(os.path.join(root_text, rel), size, mtime_ns)
+                    offered += 1
+                continue
+            previous = rel
+            while row is not None and row[0] < rel:
+                if row[3] == states.PENDING:
+                    gone.append(row[0])
+                row = next(known, None)
+            if row is not None and row[0] == rel:
+                unchanged = row[1] == size and row[2] == mtime_ns
+                row = next(known, None)
+                if unchanged:
+                    continue
+            self.gate.offer(os.path.join(root_text, rel), size, mtime_ns)
+            offered += 1
+        while row is not None:
+            if row[3] == states.PENDING:
+                gone.append(row[0])
+            row = next(known, None)
+        if root.is_dir():  # vanished during the scan: do not take its files for deleted
+            for rel in gone:
+                if rel not in out_of_order:
+                    self._forget(root_text, rel)
+        return offered
 
     def _on_scan_skip(self, path: Path, skip: Skip) -> None:
         if skip is SKIP_NOT_REGULAR and self.layout.classify_name(path.name) is None:
@@ -440,10 +493,19 @@ class Service:
     # -- admitting settled files ---------------------------------------------------------
 
     def _admit_settled(self) -> None:
-        for settled in self.gate.due(on_gone=self._gone):
-            if self.stop_event.is_set():
-                return
-            self._admit(settled)
+        # In a burst (or --once) thousands of files settle at once: hand full batches to the
+        # upload workers while the rest are still being hashed, so the two overlap.
+        assert self.ledger is not None
+        slice_size = self.config.batch_size * self.config.upload_workers
+        due = self.gate.due(on_gone=self._gone)
+        for start in range(0, len(due), slice_size):
+            with self.ledger.batch():
+                for settled in due[start : start + slice_size]:
+                    if self.stop_event.is_set():
+                        return
+                    self._admit(settled)
+            self._collect_uploads()
+            self._dispatch(force=self.once)
 
     def _gone(self, path: str) -> None:
         where = self.layout.locate(Path(path))
@@ -716,7 +778,7 @@ class Service:
             categories=new.categories,
             extensions=new.extensions,
         )
-        self.gate = StabilityGate(new.settle_time, self._clock)
+        self.gate = StabilityGate(new.settle_time, self._clock, wall=time.time)
         if self.watcher is not None and (
             tuple(old.folders) != tuple(new.folders)
             or (old.observer, old.polling_interval) != (new.observer, new.polling_interval)
@@ -742,7 +804,12 @@ class Service:
             return
         assert self.ledger is not None and self._pool is not None
         counts = {c: n for c, n in self._pending_counts().items() if c not in self._inflight}
-        for category in self.debouncer.ready(counts, force=force):
+        ready = self.debouncer.ready(counts, force=force)
+        # Files handed to the uploader before that came back (in doubt after a crash and not on
+        # the server, not sent at shutdown) passed the threshold then: they do not wait again.
+        returned = self.ledger.returned_counts()
+        ready += [c for c in counts if c not in ready and returned.get(c)]
+        for category in ready:
             if self.config.skip_duplicates and category not in self._dup_checked:
                 # The first flush of a category in a run compares its files with the dataset's
                 # list first. In a worker: the server may be slow or down, and this thread must
@@ -880,6 +947,9 @@ class Service:
             if due is not None:
                 self.stop_event.wait(max(0.0, min(1.0, due - self._clock())))
             self._admit_settled()
+        # Batches dispatched while admitting first: a category still in flight would be
+        # skipped by the final dispatch.
+        self._wait_uploads()
         self._dispatch(force=True)
         self._wait_uploads()
         if self._lost.is_set():

@@ -15,6 +15,9 @@ from dataclasses import dataclass
 
 StatFn = Callable[[str], os.stat_result]
 
+# Seconds an mtime must lie in the past, beyond the settle time, to count as already settled.
+CLOCK_SKEW_ALLOWANCE = 30.0
+
 
 @dataclass
 class _Watch:
@@ -44,9 +47,11 @@ class StabilityGate:
         settle_time: float,
         clock: Callable[[], float],
         stat: StatFn = os.stat,
+        wall: Callable[[], float] | None = None,
     ) -> None:
         self._settle = settle_time
         self._clock = clock
+        self._wall = wall
         self._stat = stat
         self._watches: dict[str, _Watch] = {}
         self._heap: list[tuple[float, str]] = []
@@ -62,8 +67,18 @@ class StabilityGate:
         now = self._clock()
         watch = self._watches.get(path)
         if watch is None:
-            self._watches[path] = _Watch(size, mtime_ns, now)
-            heapq.heappush(self._heap, (now + self._settle, path))
+            since = now
+            if (
+                self._wall is not None
+                and self._wall() - mtime_ns / 1e9 >= self._settle + CLOCK_SKEW_ALLOWANCE
+            ):
+                # Not written for a good while already (its mtime says so): one more look, at
+                # once, settles it, so a start-up or --once over old files does not wait. The
+                # allowance covers a file server whose clock lags ours (NFS, SMB), where a file
+                # still being written could otherwise look old.
+                since = now - self._settle
+            self._watches[path] = _Watch(size, mtime_ns, since)
+            heapq.heappush(self._heap, (since + self._settle, path))
         elif (watch.size, watch.mtime_ns) != (size, mtime_ns):
             watch.size, watch.mtime_ns, watch.since = size, mtime_ns, now
             heapq.heappush(self._heap, (now + self._settle, path))

@@ -301,9 +301,7 @@ class Uploader:
             except FileNotFoundError:
                 self.ledger.mark_pending([row.id])
                 self.ledger.forget(row.id)
-                log.warning(
-                    "%s/%s was deleted before upload; forgotten", row.category, row.rel_path
-                )
+                log.warning("%s was deleted before upload; forgotten", row.rel_path)
                 report.returned += 1
                 continue
             except OSError as exc:
@@ -349,16 +347,14 @@ class Uploader:
             if file_failures[row.id] >= self._max_file_attempts:
                 rejected.append((row.id, fault))
                 log.error(
-                    "%s/%s rejected by the server after %d attempts: %s",
-                    row.category,
+                    "%s rejected by the server after %d attempts: %s",
                     row.rel_path,
                     file_failures[row.id],
                     fault,
                 )
             else:
                 log.warning(
-                    "%s/%s refused by the server (%s); will retry",
-                    row.category,
+                    "%s refused by the server (%s); will retry",
                     row.rel_path,
                     fault,
                 )
@@ -382,16 +378,13 @@ class Uploader:
             self.ledger.mark_rejected([(row.id, str(exc))])
             report.rejected += 1
             log.error(
-                "%s/%s rejected by the server after %d attempts: %s",
-                row.category,
+                "%s rejected by the server after %d attempts: %s",
                 row.rel_path,
                 file_failures[row.id],
                 exc,
             )
         else:
-            log.warning(
-                "%s/%s refused by the server (%s); will retry", row.category, row.rel_path, exc
-            )
+            log.warning("%s refused by the server (%s); will retry", row.rel_path, exc)
 
     def _leave_in_doubt(self, rows: list[FileRow], report: BatchReport) -> None:
         """Shutdown came before the server could be asked: the rows stay ``uploading``."""

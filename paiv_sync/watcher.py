@@ -20,7 +20,16 @@ import weakref
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.events import (
+    DirCreatedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
@@ -75,6 +84,18 @@ NETWORK_FILESYSTEMS = frozenset(
         "afpfs",
     }
 )
+
+# The events the handler uses. Asking inotify for these only keeps out the open, access and
+# close-without-write events that the service's own reading of every new file (image check,
+# hash, upload) would otherwise send back through the observer thread: eight per file.
+_EVENTS: list[type[FileSystemEvent]] = [
+    FileCreatedEvent,
+    DirCreatedEvent,
+    FileMovedEvent,
+    DirMovedEvent,
+    FileModifiedEvent,
+    FileClosedEvent,
+]
 
 # Handler errors are logged with a traceback at most this often; the rest are only counted.
 _ERROR_LOG_INTERVAL = 60.0
@@ -450,7 +471,9 @@ class Watcher:
             observer.start()
             for root in roots:
                 try:
-                    observer.schedule(self._handler, str(root), recursive=True)
+                    observer.schedule(
+                        self._handler, str(root), recursive=True, event_filter=_EVENTS
+                    )
                 except OSError as exc:
                     if exc.errno in (errno.ENOSPC, errno.EMFILE):
                         raise

@@ -256,11 +256,6 @@ def test_server_that_hangs_then_recovers(root: Path, logs: pytest.LogCaptureFixt
         assert emulator.state()["duplicates"] == []
 
 
-@pytest.mark.xfail(
-    reason="known gap, see the report: the uploader compares with the dataset's list right after "
-    "a timed-out POST; a server that stores that POST only later gets a second copy",
-    strict=False,
-)
 def test_hung_upload_stored_after_the_comparison_is_not_sent_twice(
     root: Path, logs: pytest.LogCaptureFixture
 ) -> None:
@@ -391,7 +386,14 @@ def test_dataset_replaced_by_a_new_one_of_the_same_name(
             person.upload(replaced, [part], category_name="forest", category_id=forest)
         new = write_image(root / "forest" / "new.png", 10)
         wait_until(lambda: server_count(emulator) == 3, timeout=15)
-        wait_until(lambda: ledger_of(service).pending_counts() == {}, timeout=10)
+        # Wait for the final states: a row is ``uploading`` while its POST is answered.
+        wait_until(
+            lambda: (
+                ledger_of(service).counts()["forest"]["uploaded"] == 2
+                and ledger_of(service).counts()["forest"]["duplicate"] == 1
+            ),
+            timeout=15,
+        )
         assert service.dataset_id == replaced
         counts = ledger_of(service).counts()["forest"]
     assert dict(server_files(emulator)) == {

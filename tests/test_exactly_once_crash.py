@@ -10,7 +10,6 @@ up on the server, never made twice.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import os
 import random
@@ -24,7 +23,6 @@ from typing import Any
 
 import pytest
 
-import paiv_sync.service
 from paiv_sync.emulator import Emulator, EmulatorOptions, FaultOptions
 from paiv_sync.ledger import Ledger
 from tests.e2e import config_for, running, server_files, sha, write_image
@@ -273,12 +271,6 @@ def _categorised(bodies: list[bytes]) -> list[tuple[str, bytes]]:
     return [("forest" if (i % 10) < 5 else "city", body) for i, body in enumerate(bodies)]
 
 
-_SERVICE_SENDS_RETURNED = "returned_counts" in inspect.getsource(paiv_sync.service)
-
-
-@pytest.mark.skipif(
-    not _SERVICE_SENDS_RETURNED, reason="service.py does not send returned files at once yet"
-)
 def test_files_in_doubt_after_a_crash_do_not_wait_for_the_threshold_again(
     emulator: Emulator, root: Path, tmp_path: Path
 ) -> None:

@@ -9,7 +9,6 @@ in the same category) becomes ``uploaded`` without being sent again.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import logging
 import os
 import subprocess
@@ -19,7 +18,6 @@ from pathlib import Path
 
 import pytest
 
-import paiv_sync.service
 from paiv_sync.api import MviClient
 from paiv_sync.emulator import Emulator, EmulatorOptions, FaultOptions
 from paiv_sync.ledger import RECOVERED_REASON, Ledger, LedgerError
@@ -231,12 +229,6 @@ def test_a_rebuilt_ledger_still_recognises_names_per_category(root: Path, tmp_pa
         assert_exactly_once(emulator, expected_files(root))
 
 
-_SERVICE_RECOVERS = "open_or_recover" in inspect.getsource(paiv_sync.service)
-
-
-@pytest.mark.skipif(
-    not _SERVICE_RECOVERS, reason="service.py does not call Ledger.open_or_recover yet"
-)
 def test_the_cli_rebuilds_a_corrupt_ledger_and_sends_only_what_is_new(
     root: Path, tmp_path: Path
 ) -> None:

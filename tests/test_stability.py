@@ -75,3 +75,18 @@ def test_repeated_offers_do_not_restart_the_clock() -> None:
     clock.now = 2.0
     assert gate.due() == [Settled("a", 1, 1)]
     assert gate.next_due() is None
+
+
+def test_an_old_mtime_settles_at_the_next_look_a_recent_one_waits() -> None:
+    fs, clock = FakeFs(), FakeClock()
+    wall_now = 1_000_000.0
+    gate = StabilityGate(2.0, clock, fs.stat, wall=lambda: wall_now)
+    old_mtime = int((wall_now - 3600) * 1e9)
+    recent_mtime = int((wall_now - 10) * 1e9)  # older than settle, within the skew allowance
+    fs.files["old"] = (5, old_mtime)
+    fs.files["recent"] = (5, recent_mtime)
+    gate.offer("old", 5, old_mtime)
+    gate.offer("recent", 5, recent_mtime)
+    assert gate.due() == [Settled("old", 5, old_mtime)]
+    clock.now = 2.0
+    assert gate.due() == [Settled("recent", 5, recent_mtime)]
