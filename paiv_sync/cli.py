@@ -179,7 +179,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _check(config)
     if args.command == "status":
         return _status(config)
-    return _run(config, once=args.once, health_port=args.health_port)
+    port = args.health_port if args.health_port is not None else config.health_port
+    return _run(config, once=args.once, health_port=port)
 
 
 def _run(config: Config, *, once: bool, health_port: int | None = None) -> int:

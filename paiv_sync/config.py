@@ -122,6 +122,7 @@ class Config:
     strategy: Mapping[str, Any]
     ledger_path: Path
     warnings: tuple[str, ...]
+    health_port: int | None = None  # serve /healthz and /metrics on 127.0.0.1:PORT
 
     @property
     def auth_mode(self) -> str:
@@ -372,6 +373,7 @@ _SECTION_KEYS: Final[Mapping[str, frozenset[str]]] = {
             "observer",
             "polling_interval",
             "follow_symlinks",
+            "health_port",
         ]
     ),
     "credentials": frozenset(
@@ -704,6 +706,7 @@ def _parse(
     observer = _choice(top, "observer", OBSERVERS, "auto")
     polling_interval = _number(top, "polling_interval", 2.0, strict=True)
     follow_symlinks = _bool(top, "follow_symlinks", False)
+    health_port = _int(top, "health_port", 0, 0, 65535) or None
 
     dataset = top.section("dataset", required_hint='give at least "name"')
     dataset_name = _string(dataset, "name")
@@ -756,6 +759,7 @@ def _parse(
         observer=observer,
         polling_interval=polling_interval,
         follow_symlinks=follow_symlinks,
+        health_port=health_port,
         dataset_name=dataset_name,
         dataset_action=dataset_action,
         model_name=model_name,

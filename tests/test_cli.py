@@ -273,3 +273,17 @@ def test_foreground_service_ready_reload_and_sigterm(
     assert "the new configuration is invalid" in err
     assert "RELOADING=1" in notify_socket.messages
     assert notify_socket.messages[-1] == "STOPPING=1"
+
+
+def test_log_formats_json_and_journald(emulator: Emulator, tree: Path) -> None:
+    config = write_config(tree.parent / "configuration.json", base_config(emulator, tree))
+    proc = paiv("check", "--config", str(config), "--log-format", "json")
+    assert proc.returncode == 0, proc.stderr
+    entries = [json.loads(line) for line in proc.stderr.splitlines() if line.strip()]
+    assert any(e["level"] == "info" and "authenticated as admin" in e["message"] for e in entries)
+    proc = paiv("check", "--config", str(config), env=dict(ENV, JOURNAL_STREAM="8:1234"))
+    assert proc.returncode == 0, proc.stderr
+    assert any(
+        line.startswith("<6>") and "authenticated as admin" in line
+        for line in proc.stderr.splitlines()
+    )

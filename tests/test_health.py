@@ -35,3 +35,18 @@ def test_healthz_and_metrics_reflect_the_ledger(emulator: Emulator, tmp_path: Pa
     assert "paiv_sync_server_connected 1.0" in text
     assert "paiv_sync_healthy 1.0" in text
     assert missing.status_code == 404
+
+
+def test_health_port_comes_from_the_configuration(emulator: Emulator, tmp_path: Path) -> None:
+    from paiv_sync.config import parse_config
+
+    root = tmp_path / "images"
+    root.mkdir()
+    base = {
+        "credentials": {"endpoint": emulator.url, "username": "a", "password": "b"},
+        "dataset": {"name": "d"},
+        "folders": [str(root)],
+        "ledger": str(tmp_path / "l.sqlite3"),
+    }
+    assert parse_config(base, source=None, env={}).health_port is None
+    assert parse_config({**base, "health_port": 9464}, source=None, env={}).health_port == 9464
