@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from pathlib import Path
+from typing import Protocol
 
 _CHUNK = 1 << 20
 
@@ -19,6 +20,25 @@ def _buffer() -> memoryview:
         view = memoryview(bytearray(_CHUNK))
         _local.view = view
     return view
+
+
+class Readable(Protocol):
+    """What :func:`sha256_rest` reads from: an open binary file (raw or buffered)."""
+
+    def readinto(self, buffer: memoryview, /) -> int | None: ...
+
+
+def sha256_rest(handle: Readable, start: bytes = b"") -> str:
+    """The hex sha256 of ``start`` followed by everything ``handle`` yields from where it is.
+
+    Lets a caller that already read a file's head hash the whole file without opening it a
+    second time. Raises OSError when reading fails.
+    """
+    digest = hashlib.sha256(start)
+    view = _buffer()
+    while n := handle.readinto(view):
+        digest.update(view[:n])
+    return digest.hexdigest()
 
 
 def sha256_file(path: Path | str) -> str:

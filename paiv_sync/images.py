@@ -11,15 +11,27 @@ and the demo, so nothing has to be downloaded.
 from __future__ import annotations
 
 import functools
+import io
 import os
 import random
 import stat
 import struct
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Protocol
 
-__all__ = ["check_image", "content_type", "make_jpeg", "make_png", "sniff"]
+from paiv_sync.hashing import sha256_rest
+
+__all__ = [
+    "Inspection",
+    "check_image",
+    "content_type",
+    "inspect_image",
+    "make_jpeg",
+    "make_png",
+    "sniff",
+]
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -102,15 +114,21 @@ def _human_sizes(size: int, limit: int) -> str:
     return f"{size} bytes > {limit} bytes"
 
 
-def _read_at(handle: BinaryIO, head: bytes, offset: int, count: int) -> bytes:
+class _Handle(Protocol):
+    def seek(self, offset: int, whence: int = 0, /) -> int: ...
+
+    def read(self, size: int = -1, /) -> bytes | None: ...
+
+
+def _read_at(handle: _Handle, head: bytes, offset: int, count: int) -> bytes:
     """Read ``count`` bytes at ``offset``, from the head already in memory when possible."""
     if offset + count <= len(head):
         return head[offset : offset + count]
     handle.seek(offset)
-    return handle.read(count)
+    return handle.read(count) or b""
 
 
-def _jpeg_scan_start(handle: BinaryIO, head: bytes, size: int) -> int | None:
+def _jpeg_scan_start(handle: _Handle, head: bytes, size: int) -> int | None:
     """Find the first start-of-scan marker by walking the segment headers.
 
     Returns its offset; 2 when the segment structure is unusual (so the caller falls back to
@@ -148,6 +166,45 @@ def _open_nonblocking(path: str, flags: int) -> int:
     return os.open(path, flags | getattr(os, "O_NONBLOCK", 0))
 
 
+@dataclass(frozen=True)
+class Inspection:
+    """What :func:`inspect_image` found: a reason to refuse the file, or its kind and hash."""
+
+    problem: str | None  # as check_image returns it; None for a complete JPEG or PNG
+    kind: str | None = None  # "jpeg" or "png" when problem is None
+    sha256: str | None = None  # hex digest of the whole file when problem is None
+
+
+def _problem(
+    handle: _Handle, head: bytes, size: int, max_size: int | None
+) -> tuple[str | None, str | None]:
+    """The checks of :func:`check_image` on an open file: ``(reason or None, kind or None)``."""
+    if size == 0:
+        return "empty file", None
+    kind = sniff(head)
+    if kind is None:
+        return _describe_other(head[:512]), None
+    if max_size is not None and size > max_size:
+        return f"larger than the size limit ({_human_sizes(size, max_size)})", kind
+    if kind == "png":
+        if head[8:16] != b"\x00\x00\x00\x0dIHDR":
+            return "damaged PNG (no IHDR header)", kind
+        tail_start = max(8, size - TAIL_SIZE)
+        if PNG_IEND not in _read_at(handle, head, tail_start, size - tail_start):
+            return "truncated PNG (no IEND chunk)", kind
+        return None, kind
+    scan_start = _jpeg_scan_start(handle, head, size)
+    if scan_start is None:
+        return "truncated JPEG (no end-of-image marker)", kind
+    tail_start = max(scan_start + 2, size - TAIL_SIZE)
+    # Inside the compressed data every FF byte is followed by 00 or a restart marker, so
+    # FF D9 after the scan start is the real end marker. Data appended after it (camera
+    # maker trailers) is allowed.
+    if JPEG_EOI not in _read_at(handle, head, tail_start, size - tail_start):
+        return "truncated JPEG (no end-of-image marker)", kind
+    return None, kind
+
+
 def check_image(path: Path, max_size: int | None = None) -> str | None:
     """Check that a file is a complete JPEG or PNG image.
 
@@ -158,37 +215,47 @@ def check_image(path: Path, max_size: int | None = None) -> str | None:
     ``"larger than the size limit (123 MB > 100 MB)"``. Reads only the head and the tail.
     Raises OSError when the file cannot be opened or read.
     """
+    return _inspect(path, max_size, digest=False).problem
+
+
+def inspect_image(path: Path | str, max_size: int | None = None) -> Inspection:
+    """Check, name and hash a file with one open: :func:`check_image`, :func:`sniff` and sha256.
+
+    Takes the file's path and an optional size limit in bytes. Returns an Inspection whose
+    ``problem`` is what :func:`check_image` would return; only when it is None are ``kind``
+    and ``sha256`` (of the whole file) set. A file that fails a check is not read further.
+    Raises OSError when the file cannot be opened or read.
+    """
+    return _inspect(path, max_size, digest=True)
+
+
+def _inspect(path: Path | str, max_size: int | None, *, digest: bool) -> Inspection:
     # O_NONBLOCK: opening a named pipe (a FIFO called "x.jpg") would otherwise wait for a
-    # writer forever; for a regular file the flag changes nothing.
-    with open(path, "rb", opener=_open_nonblocking) as handle:
-        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
-            return "not a regular file (a named pipe, socket or device)"
-        head = handle.read(HEAD_SIZE)
+    # writer forever; for a regular file the flag changes nothing. Unbuffered: the head is
+    # read in one call and, to hash, the rest goes straight into the hasher's buffer.
+    with open(path, "rb", buffering=0, opener=_open_nonblocking) as handle:
+        st = os.fstat(handle.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            return Inspection("not a regular file (a named pipe, socket or device)")
+        head = _read_head(handle)
         size = handle.seek(0, 2)
-        if size == 0:
-            return "empty file"
-        kind = sniff(head)
-        if kind is None:
-            return _describe_other(head[:512])
-        if max_size is not None and size > max_size:
-            return f"larger than the size limit ({_human_sizes(size, max_size)})"
-        if kind == "png":
-            if head[8:16] != b"\x00\x00\x00\x0dIHDR":
-                return "damaged PNG (no IHDR header)"
-            tail_start = max(8, size - TAIL_SIZE)
-            if PNG_IEND not in _read_at(handle, head, tail_start, size - tail_start):
-                return "truncated PNG (no IEND chunk)"
-            return None
-        scan_start = _jpeg_scan_start(handle, head, size)
-        if scan_start is None:
-            return "truncated JPEG (no end-of-image marker)"
-        tail_start = max(scan_start + 2, size - TAIL_SIZE)
-        # Inside the compressed data every FF byte is followed by 00 or a restart marker, so
-        # FF D9 after the scan start is the real end marker. Data appended after it (camera
-        # maker trailers) is allowed.
-        if JPEG_EOI not in _read_at(handle, head, tail_start, size - tail_start):
-            return "truncated JPEG (no end-of-image marker)"
-        return None
+        problem, kind = _problem(handle, head, size, max_size)
+        if problem is not None or not digest:
+            return Inspection(problem, kind)
+        # Small images (most of them) are whole in ``head``: no second read.
+        handle.seek(len(head))
+        return Inspection(None, kind, sha256_rest(handle, head))
+
+
+def _read_head(handle: io.FileIO) -> bytes:
+    """Up to HEAD_SIZE bytes from the start (a raw read may return fewer than asked)."""
+    head = handle.read(HEAD_SIZE) or b""
+    while len(head) < HEAD_SIZE:
+        more = handle.read(HEAD_SIZE - len(head))
+        if not more:
+            break
+        head += more
+    return head
 
 
 # --- images made in code -----------------------------------------------------------------

@@ -470,6 +470,24 @@ class Ledger:
         )
         return FileRow(*rows[0]) if rows else None
 
+    def known_stats(
+        self, paths: Iterable[tuple[str, str]]
+    ) -> dict[tuple[str, str], tuple[int, int]]:
+        """``(root, rel_path) -> (size, mtime_ns)`` recorded for those of ``paths`` seen before.
+
+        One hold of the ledger for the lot, instead of one :meth:`lookup` each.
+        """
+        found: dict[tuple[str, str], tuple[int, int]] = {}
+        with self._lock:
+            for root, rel_path in paths:
+                row = self._db.execute(
+                    "SELECT size, mtime_ns FROM files WHERE root = ? AND rel_path = ?",
+                    (root, rel_path),
+                ).fetchone()
+                if row is not None:
+                    found[(root, rel_path)] = (int(row[0]), int(row[1]))
+        return found
+
     def get(self, file_id: int) -> FileRow | None:
         """The row with id ``file_id``, or None."""
         rows = self._query(f"SELECT {_FILE_COLUMNS} FROM files WHERE id = ?", (file_id,))
@@ -670,6 +688,11 @@ class Ledger:
             args.append(limit)
         return [FileRow(*r) for r in self._query(sql, args)]
 
+    def pending_totals(self) -> tuple[int, int]:
+        """``(number of pending files, their total size in bytes)``."""
+        rows = self._query("SELECT COUNT(*), TOTAL(size) FROM files WHERE state = ?", (PENDING,))
+        return int(rows[0][0]), int(rows[0][1])
+
     def pending_counts(self) -> dict[str, int]:
         """``category -> number of pending files``."""
         rows = self._query(
@@ -757,14 +780,20 @@ class Ledger:
         )
         return [FileRow(*r) for r in rows]
 
-    def mark_uploaded(self, results: Iterable[tuple[int, str | None]]) -> int:
+    def mark_uploaded(
+        self, results: Iterable[tuple[int, str | None]], *, durable: bool = True
+    ) -> int:
         """Rows the server confirmed: ``(file id, server file id or None)``; return how many.
 
         Each counts as a new upload (towards training), except rows recorded while the
-        ledger was rebuilt: those were in the dataset before.
+        ledger was rebuilt: those were in the dataset before. With ``durable=False`` the
+        commit does not wait for the disk: the caller must make it durable soon (the next
+        durable commit, ``begin_batch`` of the next batch included, or :meth:`sync`). Until
+        then a power cut leaves the rows ``uploading`` (durably, from ``begin_batch``): in
+        doubt, resolved against the server's list at the next start, never sent blind.
         """
         now = self._clock()
-        with self._transaction() as db:
+        with self._transaction(durable=durable) as db:
             changed = 0
             recovered = 0
             for file_id, server_id in results:
@@ -793,6 +822,17 @@ class Ledger:
                 (str(total + changed - recovered),),
             )
         return changed
+
+    def sync(self) -> None:
+        """Make every commit so far durable (a passive WAL checkpoint syncs the log first).
+
+        Raises LedgerError when the database cannot be written.
+        """
+        try:
+            with self._lock:
+                self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        except sqlite3.Error as exc:
+            raise LedgerError(f"ledger {self.path}: cannot sync: {exc}") from exc
 
     def mark_rejected(self, results: Iterable[tuple[int, str]]) -> None:
         """Rows the server refused for good: ``(file id, the server's reason)``."""

@@ -23,8 +23,7 @@ from paiv_sync import ledger as states
 from paiv_sync.api import AuthError, MviClient, MviError, NotFoundError, TlsError
 from paiv_sync.batcher import Debouncer, batches
 from paiv_sync.config import Config
-from paiv_sync.hashing import sha256_file
-from paiv_sync.images import check_image, content_type, sniff
+from paiv_sync.images import Inspection, content_type, inspect_image
 from paiv_sync.layout import Layout, Location, Skip
 from paiv_sync.ledger import Ledger, LedgerError
 from paiv_sync.retry import RetryPolicy
@@ -47,8 +46,37 @@ _SKIP_SPECIAL_IMAGE = Skip(
 )
 
 
+@dataclass(frozen=True)
+class _Checked:
+    """A settled file read and hashed, waiting to be recorded."""
+
+    where: Location
+    settled: Settled
+    seen: Inspection
+
+
 def _no_notify(_message: str) -> None:
     return None
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where a ``--once`` run's uploads stand; what the progress hook is given.
+
+    ``files_total``/``bytes_total`` are the files pending when the uploads began plus those
+    admitted since (so they grow while new files are still being checked); ``*_done`` count
+    the files the server confirmed, refused for good, or already held. ``elapsed`` is seconds
+    since the uploads began.
+    """
+
+    files_done: int
+    files_total: int
+    bytes_done: int
+    bytes_total: int
+    elapsed: float
+
+
+ProgressHook = Callable[[Progress], None]
 
 
 @dataclass
@@ -80,7 +108,14 @@ class Service:
         retry: RetryPolicy | None = None,
         clock: Callable[[], float] = time.monotonic,
         watchdog_interval: float | None = None,
+        progress: ProgressHook | None = None,
     ) -> None:
+        """Set up (nothing runs before ``run``).
+
+        ``progress``, with ``once``: called with a :class:`Progress` after each batch, from an
+        upload worker thread, so it must be quick and must not block; ignored without
+        ``once``.
+        """
         self.config = config
         self._watchdog_interval = watchdog_interval
         self.once = once
@@ -135,6 +170,10 @@ class Service:
         self.last_upload_time: float | None = None  # wall clock of the last confirmed upload
         self._next_status = 0.0
         self._status_text = ""
+        self._progress_hook = progress if once else None
+        self._progress_lock = threading.Lock()
+        self._progress_counts = [0, 0, 0, 0]  # files done, files total, bytes done, bytes total
+        self._progress_started: float | None = None
 
     # -- public --------------------------------------------------------------------------
 
@@ -279,6 +318,7 @@ class Service:
         if self.client is not None:
             self.client.close()
         if self.ledger is not None:
+            self._sync_ledger()
             self.ledger.close()
             self.ledger = None
 
@@ -499,11 +539,29 @@ class Service:
         slice_size = self.config.batch_size * self.config.upload_workers
         due = self.gate.due(on_gone=self._gone)
         for start in range(0, len(due), slice_size):
+            # Read and hash the slice first, then write it: the ledger is held only for the
+            # writes, so the upload workers' commits do not wait for the file reads.
+            checked: list[_Checked] = []
+            located: list[tuple[Settled, Location]] = []
+            for settled in due[start : start + slice_size]:
+                where = self.layout.locate(Path(settled.path))
+                if isinstance(where, Location):
+                    located.append((settled, where))
+            known = self.ledger.known_stats((str(w.root), w.rel_path) for _, w in located)
+            for settled, where in located:
+                if self.stop_event.is_set():
+                    return
+                if known.get((str(where.root), where.rel_path)) == (
+                    settled.size,
+                    settled.mtime_ns,
+                ):
+                    continue  # recorded as it is (an event for a file the scan had seen)
+                found = self._inspect(settled, where)
+                if found is not None:
+                    checked.append(found)
             with self.ledger.batch():
-                for settled in due[start : start + slice_size]:
-                    if self.stop_event.is_set():
-                        return
-                    self._admit(settled)
+                for found in checked:
+                    self._admit(found)
             self._collect_uploads()
             self._dispatch(force=self.once)
 
@@ -512,52 +570,53 @@ class Service:
         if isinstance(where, Location):
             self._forget(str(where.root), where.rel_path)
 
-    def _admit(self, settled: Settled) -> None:
-        """Check, hash and record one settled file."""
-        assert self.ledger is not None
-        where = self.layout.locate(Path(settled.path))
-        if isinstance(where, Skip):
-            return
+    def _inspect(self, settled: Settled, where: Location) -> _Checked | None:
+        """Check and hash one settled file; None when there is nothing to record."""
         root, rel = str(where.root), where.rel_path
-        row = self.ledger.lookup(root, rel)
-        if row is not None and (row.size, row.mtime_ns) == (settled.size, settled.mtime_ns):
-            return
         try:
-            problem = check_image(Path(settled.path), self.config.max_file_size)
-            if problem is not None:
-                self.ledger.reject(
-                    root=root,
-                    rel_path=rel,
-                    category=where.category,
-                    size=settled.size,
-                    mtime_ns=settled.mtime_ns,
-                    reason=problem,
-                )
-                self.summary.rejected += 1
-                log.warning("%s not uploaded: %s", rel, problem)
-                return
-            with open(settled.path, "rb") as handle:
-                kind = sniff(handle.read(16))
-            digest = sha256_file(settled.path)
-            st = os.stat(settled.path)
+            # One open for the image checks, the kind and the hash: every open costs a syscall
+            # pair and, in watch mode, inotify events the observer thread has to wade through.
+            seen = inspect_image(settled.path, self.config.max_file_size)
+            st = os.stat(settled.path)  # by path: a file replaced meanwhile shows here
         except FileNotFoundError:
             self._forget(root, rel)
-            return
+            return None
         except OSError as exc:
             log.warning(
                 "%s cannot be read (%s); will try again at the next scan", rel, exc.strerror or exc
             )
-            return
+            return None
         if (st.st_size, st.st_mtime_ns) != (settled.size, settled.mtime_ns):
             self.gate.offer(settled.path, st.st_size, st.st_mtime_ns)
+            return None
+        return _Checked(where, settled, seen)
+
+    def _admit(self, checked: _Checked) -> None:
+        """Record one checked file: rejected, duplicate or pending."""
+        assert self.ledger is not None
+        where, settled, seen = checked.where, checked.settled, checked.seen
+        root, rel = str(where.root), where.rel_path
+        if seen.problem is not None:
+            self.ledger.reject(
+                root=root,
+                rel_path=rel,
+                category=where.category,
+                size=settled.size,
+                mtime_ns=settled.mtime_ns,
+                reason=seen.problem,
+            )
+            self.summary.rejected += 1
+            log.warning("%s not uploaded: %s", rel, seen.problem)
             return
+        digest = seen.sha256 or ""
+        kind = seen.kind
         counts = self._pending_counts()  # before the new row, so the +1 below is right
         outcome = self.ledger.record(
             root=root,
             rel_path=rel,
             category=where.category,
-            size=st.st_size,
-            mtime_ns=st.st_mtime_ns,
+            size=settled.size,
+            mtime_ns=settled.mtime_ns,
             sha256=digest,
             content_type=content_type(kind or "jpeg"),
             skip_duplicates=self.config.skip_duplicates,
@@ -569,6 +628,7 @@ class Service:
             log.info("%s not uploaded: %s (skip_duplicates)", rel, outcome.row.reason)
             return
         self.summary.added += 1
+        self._progress_add(total=(1, settled.size))
         self.debouncer.arrived(where.category)
         counts[where.category] = counts.get(where.category, 0) + 1
         count = counts[where.category]
@@ -851,7 +911,12 @@ class Service:
         """
         if not self.config.skip_duplicates or category in self._dup_checked:
             return True
-        assert self.uploader is not None
+        assert self.uploader is not None and self.ledger is not None
+        sizes = (
+            {r.id: r.size for r in self.ledger.pending(category)}
+            if self._progress_hook is not None
+            else {}
+        )
         try:
             marked = self.uploader.mark_server_duplicates(category)
         except MviError as exc:
@@ -864,6 +929,10 @@ class Service:
             return False
         self._dup_checked.add(category)
         self.summary.duplicates += marked
+        if marked and sizes:
+            for row in self.ledger.pending(category):
+                sizes.pop(row.id, None)
+            self._progress_add(done=(len(sizes), sum(sizes.values())))
         if marked:
             self._pending_dirty = True
         return True
@@ -912,15 +981,56 @@ class Service:
             return
         self.summary.uploaded += report.uploaded
         self.summary.rejected += report.rejected
+        self._progress_add(done=(report.uploaded + report.rejected, report.settled_bytes))
         if report.uploaded:
             self.last_upload_time = time.time()
             self._trainer_wake.set()
+
+    def _progress_add(
+        self, *, done: tuple[int, int] = (0, 0), total: tuple[int, int] = (0, 0)
+    ) -> None:
+        """Count files (and bytes) done or newly to do; tell the progress hook when done moved.
+
+        Called by the pipeline and the upload workers. A hook that raises is reported and
+        dropped: a display must not stop the uploads.
+        """
+        hook = self._progress_hook
+        if hook is None or self._progress_started is None:
+            return
+        with self._progress_lock:
+            counts = self._progress_counts
+            counts[0] += done[0]
+            counts[1] += total[0]
+            counts[2] += done[1]
+            counts[3] += total[1]
+            snapshot = Progress(
+                counts[0], counts[1], counts[2], counts[3], self._clock() - self._progress_started
+            )
+            if not done[0]:
+                return
+            try:
+                # Under the lock: reports reach the hook in order, never with a count going back.
+                hook(snapshot)
+            except Exception:
+                log.exception("the progress display failed; no more progress reports")
+                self._progress_hook = None
 
     def _collect_uploads(self) -> None:
         done = [c for c, futures in self._inflight.items() if all(f.done() for f in futures)]
         for category in done:
             del self._inflight[category]
             self._pending_dirty = True
+        if done and not self._inflight and not self.once and self.ledger is not None:
+            # Uploads went quiet: make the last batches' "uploaded" durable now rather than
+            # with the next batch (see Uploader._settle_results). --once syncs at the end.
+            self._sync_ledger()
+
+    def _sync_ledger(self) -> None:
+        assert self.ledger is not None
+        try:
+            self.ledger.sync()
+        except LedgerError as exc:
+            log.error("%s", exc)
 
     def _wait_uploads(self) -> None:
         while self._inflight and not self.stop_event.is_set():
@@ -942,6 +1052,10 @@ class Service:
         assert self.ledger is not None and self.trainer is not None
         if not self._ensure_connected():
             return 1
+        if self._progress_hook is not None:
+            files, size = self.ledger.pending_totals()
+            self._progress_started = self._clock()
+            self._progress_add(total=(files, size))
         while len(self.gate) and not self.stop_event.is_set():
             due = self.gate.next_due()
             if due is not None:
