@@ -123,6 +123,8 @@ class Config:
     ledger_path: Path
     warnings: tuple[str, ...]
     health_port: int | None = None  # serve /healthz and /metrics on 127.0.0.1:PORT
+    retry_initial: float = 1.0  # first back-off wait, seconds
+    retry_maximum: float = 60.0  # cap of the exponential back-off, seconds
 
     @property
     def auth_mode(self) -> str:
@@ -374,6 +376,7 @@ _SECTION_KEYS: Final[Mapping[str, frozenset[str]]] = {
             "polling_interval",
             "follow_symlinks",
             "health_port",
+            "retry",
         ]
     ),
     "credentials": frozenset(
@@ -392,6 +395,7 @@ _SECTION_KEYS: Final[Mapping[str, frozenset[str]]] = {
     "threshold": frozenset(("upload", "training", "train")),
     "dataset": frozenset(("name", "action")),
     "model": frozenset(("name", "action", "strategy")),
+    "retry": frozenset(("initial", "maximum")),
 }
 
 
@@ -707,6 +711,12 @@ def _parse(
     polling_interval = _number(top, "polling_interval", 2.0, strict=True)
     follow_symlinks = _bool(top, "follow_symlinks", False)
     health_port = _int(top, "health_port", 0, 0, 65535) or None
+    retry = top.section("retry")
+    retry_initial = _number(retry, "initial", 1.0, strict=True)
+    retry_maximum = _number(retry, "maximum", 60.0, strict=True)
+    if retry_maximum < retry_initial:
+        retry.error("maximum", f"must be at least retry.initial ({retry_initial:g})")
+    retry.finish()
 
     dataset = top.section("dataset", required_hint='give at least "name"')
     dataset_name = _string(dataset, "name")
@@ -760,6 +770,8 @@ def _parse(
         polling_interval=polling_interval,
         follow_symlinks=follow_symlinks,
         health_port=health_port,
+        retry_initial=retry_initial,
+        retry_maximum=retry_maximum,
         dataset_name=dataset_name,
         dataset_action=dataset_action,
         model_name=model_name,

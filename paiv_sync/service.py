@@ -122,7 +122,11 @@ class Service:
         self.stop_event = stop_event or threading.Event()
         self.summary = RunSummary()
         self._notify = notify
-        self._retry = retry or RetryPolicy(initial=1.0, maximum=60.0)
+        self._retry = retry or RetryPolicy(
+            initial=config.retry_initial,
+            maximum=config.retry_maximum,
+            jitter=min(1.0, config.retry_initial),
+        )
         self._clock = clock
         self.inbox: queue.SimpleQueue[tuple[str, bool]] = queue.SimpleQueue()
         self.layout = Layout(

@@ -725,3 +725,21 @@ def test_config_error_lines() -> None:
     assert error.problems == ("a: b: c", "a: d: e")
     assert error.warnings == ("a: f: unknown key, ignored",)
     assert str(error) == "a: b: c\na: d: e"
+
+
+def test_retry_policy_keys(tmp_path: Path) -> None:
+    base = {
+        "credentials": {"endpoint": "https://host/api", "username": "u", "password": "p"},
+        "dataset": {"name": "d"},
+        "folders": [str(tmp_path)],
+        "ledger": str(tmp_path / "l.sqlite3"),
+    }
+    default = parse_config(base, source=None, env={})
+    assert (default.retry_initial, default.retry_maximum) == (1.0, 60.0)
+    tuned = parse_config({**base, "retry": {"initial": 0.5, "maximum": 5}}, source=None, env={})
+    assert (tuned.retry_initial, tuned.retry_maximum) == (0.5, 5.0)
+    with pytest.raises(ConfigError) as caught:
+        parse_config(
+            {**base, "retry": {"initial": 10, "maximum": 5, "max": 1}}, source=None, env={}
+        )
+    assert "retry.maximum: must be at least retry.initial (10)" in str(caught.value)
