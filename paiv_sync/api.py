@@ -851,8 +851,8 @@ class MviClient:
         Raises AuthError when the API key or the fresh token is refused; otherwise as
         ``_request_once``.
         """
-        token = self._current_token()
-        try:
+
+        def send(token: str) -> Any:
             return self._request_once(
                 method,
                 path,
@@ -863,21 +863,15 @@ class MviClient:
                 idempotent=idempotent,
                 missing=missing,
             )
+
+        token = self._current_token()
+        try:
+            return send(token)
         except _Unauthorized as exc:
             if self._api_key is not None:
                 raise self._api_key_rejected() from exc
-        token = self._renew_token(token)
         try:
-            return self._request_once(
-                method,
-                path,
-                token=token,
-                params=params,
-                json=json,
-                make_body=make_body,
-                idempotent=idempotent,
-                missing=missing,
-            )
+            return send(self._renew_token(token))
         except _Unauthorized as exc:
             raise AuthError(
                 f"the server at {self._where} refused {method} {path} even with a fresh token "

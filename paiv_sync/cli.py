@@ -371,21 +371,14 @@ def _run(config: Config, *, once: bool, health_port: int | None = None) -> int:
 
 
 def _check(config: Config) -> int:
-    from paiv_sync.api import MviClient, MviError
+    from paiv_sync.api import MviError
     from paiv_sync.retry import RetryPolicy
+    from paiv_sync.service import make_client
 
     print(f"configuration {config.source}: valid")
     who = "an API key" if config.auth_mode == "api_key" else f"user {config.username}"
     print(f"server: {config.base_url} ({who})")
-    client = MviClient(
-        config.base_url,
-        username=config.username,
-        password=config.password,
-        api_key=config.api_key,
-        verify=config.verify,
-        timeout=config.timeout,
-        retry=RetryPolicy(initial=0.5, maximum=2.0, max_attempts=2),
-    )
+    client = make_client(config, RetryPolicy(initial=0.5, maximum=2.0, max_attempts=2))
     try:
         client.authenticate()
         print("authentication: ok")

@@ -55,6 +55,22 @@ class _Checked:
     seen: Inspection
 
 
+def make_client(
+    config: Config, retry: RetryPolicy, *, stop_event: threading.Event | None = None
+) -> MviClient:
+    """The MVI client for ``config``'s server and credentials."""
+    return MviClient(
+        config.base_url,
+        username=config.username,
+        password=config.password,
+        api_key=config.api_key,
+        verify=config.verify,
+        timeout=config.timeout,
+        retry=retry,
+        stop_event=stop_event,
+    )
+
+
 def _no_notify(_message: str) -> None:
     return None
 
@@ -152,6 +168,7 @@ class Service:
         self._pool: ThreadPoolExecutor | None = None
         self._inflight: dict[str, list[Future[None]]] = {}
         self._pending: dict[str, int] = {}
+        self._returned: set[str] = set()  # categories with files back from an upload
         self._pending_dirty = True
         self._connected = False
         # Categories whose pending files were checked against the server's list this run.
@@ -264,14 +281,9 @@ class Service:
     def _build(self) -> None:
         cfg = self.config
         assert self.ledger is not None
-        self.client = MviClient(
-            cfg.base_url,
-            username=cfg.username,
-            password=cfg.password,
-            api_key=cfg.api_key,
-            verify=cfg.verify,
-            timeout=cfg.timeout,
-            retry=self._retry
+        self.client = make_client(
+            cfg,
+            self._retry
             if not self.once
             else RetryPolicy(
                 initial=self._retry.initial, maximum=self._retry.maximum, max_attempts=5
@@ -857,9 +869,15 @@ class Service:
     # -- uploading -----------------------------------------------------------------------
 
     def _pending_counts(self) -> dict[str, int]:
+        """``category -> pending files``, re-read only after something may have changed it.
+
+        The categories holding files that came back from an interrupted upload are refreshed
+        with it: rows return to pending only in the cases that mark the counts dirty.
+        """
         if self._pending_dirty:
             assert self.ledger is not None
             self._pending = self.ledger.pending_counts()
+            self._returned = {c for c, n in self.ledger.returned_counts().items() if n}
             self._pending_dirty = False
         return self._pending
 
@@ -871,8 +889,7 @@ class Service:
         ready = self.debouncer.ready(counts, force=force)
         # Files handed to the uploader before that came back (in doubt after a crash and not on
         # the server, not sent at shutdown) passed the threshold then: they do not wait again.
-        returned = self.ledger.returned_counts()
-        ready += [c for c in counts if c not in ready and returned.get(c)]
+        ready += [c for c in counts if c not in ready and c in self._returned]
         for category in ready:
             if self.config.skip_duplicates and category not in self._dup_checked:
                 # The first flush of a category in a run compares its files with the dataset's

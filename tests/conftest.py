@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -30,3 +32,19 @@ def emulator() -> Iterator[object]:
 
     with Emulator(EmulatorOptions(port=0, training_seconds=0.5)) as emu:
         yield emu
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    """A watched root folder with three empty category folders: forest, city and sea."""
+    folder = tmp_path / "images"
+    for category in ("forest", "city", "sea"):
+        (folder / category).mkdir(parents=True)
+    return folder
+
+
+@pytest.fixture
+def logs(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
+    """Every paiv_sync log record, DEBUG included."""
+    caplog.set_level(logging.DEBUG, logger="paiv_sync")
+    return caplog

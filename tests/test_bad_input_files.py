@@ -124,20 +124,6 @@ def cfg(emulator: Emulator, root: Path, **changes: Any) -> Config:
     return config_for(emulator, root, **base)
 
 
-@pytest.fixture
-def root(tmp_path: Path) -> Path:
-    folder = tmp_path / "images"
-    for category in ("forest", "city"):
-        (folder / category).mkdir(parents=True)
-    return folder
-
-
-@pytest.fixture
-def logs(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
-    caplog.set_level(logging.DEBUG, logger="paiv_sync")
-    return caplog
-
-
 # -- file contents -----------------------------------------------------------------------
 
 BAD_CONTENT = {

@@ -30,20 +30,6 @@ PASSWORD = "Pw-7bX!q2-never-in-a-log"
 API_KEY = "key-Qm83-zL0v-never-in-a-log"
 
 
-@pytest.fixture
-def root(tmp_path: Path) -> Path:
-    folder = tmp_path / "images"
-    for category in ("forest", "city"):
-        (folder / category).mkdir(parents=True)
-    return folder
-
-
-@pytest.fixture
-def logs(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
-    caplog.set_level(logging.DEBUG, logger="paiv_sync")
-    return caplog
-
-
 def cfg(emulator: Emulator | str, root: Path, **credentials: Any) -> Config:
     """A quick configuration (threshold 1) for the emulator or an endpoint URL; ``credentials``
     replace keys of the credentials section (``api_key`` replaces the user and password)."""

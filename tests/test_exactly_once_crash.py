@@ -114,14 +114,6 @@ class Cli:
 
 
 @pytest.fixture
-def root(tmp_path: Path) -> Path:
-    folder = tmp_path / "images"
-    for category in ("forest", "city", "sea"):
-        (folder / category).mkdir(parents=True)
-    return folder
-
-
-@pytest.fixture
 def cli_log(tmp_path: Path) -> Iterator[Path]:
     log = tmp_path / "cli.log"
     log.touch()

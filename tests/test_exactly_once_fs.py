@@ -73,14 +73,6 @@ def uploaded(emulator: Emulator) -> int:
     return sum(server_files(emulator).values())
 
 
-@pytest.fixture
-def root(tmp_path: Path) -> Path:
-    folder = tmp_path / "images"
-    for category in ("forest", "city", "sea"):
-        (folder / category).mkdir(parents=True)
-    return folder
-
-
 # -- events lost, late or in bulk -------------------------------------------------------
 
 

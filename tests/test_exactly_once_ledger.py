@@ -30,14 +30,6 @@ from tests.test_exactly_once_crash import Cli, write_config
 UPLOAD_ROUTE = "POST /datasets/{id}/files"
 
 
-@pytest.fixture
-def root(tmp_path: Path) -> Path:
-    folder = tmp_path / "images"
-    for category in ("forest", "city"):
-        (folder / category).mkdir(parents=True)
-    return folder
-
-
 def _cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PAIV_")}
     return subprocess.run(

@@ -24,14 +24,6 @@ from tests.e2e import (
 from tests.helpers import wait_until
 
 
-@pytest.fixture
-def root(tmp_path: Path) -> Path:
-    folder = tmp_path / "images"
-    for category in ("forest", "city", "sea"):
-        (folder / category).mkdir(parents=True)
-    return folder
-
-
 def test_images_in_three_categories_arrive_exactly_once(emulator: Emulator, root: Path) -> None:
     config = config_for(emulator, root, threshold={"upload": 3, "training": 1000})
     expected = {}
