@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import email.utils
 import logging
+import os
 import threading
 import time
 import warnings
@@ -26,7 +27,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any
+from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import requests
@@ -155,7 +156,7 @@ class _SourceError(Exception):
 class UploadPart:
     """One file to upload: where it is on disk, the name the server records, its MIME type."""
 
-    path: Path
+    path: str | os.PathLike[str]
     name: str
     content_type: str
 
@@ -189,7 +190,7 @@ class _MultipartBody:
         boundary = choose_boundary()
         self.content_type = f"multipart/form-data; boundary={boundary}"
         delimiter = f"--{boundary}\r\n".encode("ascii")
-        segments: list[bytes | tuple[Path, int]] = []
+        segments: list[bytes | tuple[str, int]] = []
         for name, value in fields.items():
             field = RequestField(name=name, data=value)
             field.make_multipart()
@@ -200,13 +201,14 @@ class _MultipartBody:
             field = RequestField(name="files", data=b"", filename=wire_name(part.name))
             field.make_multipart(content_type=part.content_type)
             segments.append(delimiter + field.render_headers().encode("utf-8"))
-            segments.append((part.path, part.path.stat().st_size))
+            path = os.fspath(part.path)
+            segments.append((path, os.stat(path).st_size))
             segments.append(b"\r\n")
         segments.append(f"--{boundary}--\r\n".encode("ascii"))
         self._length = sum(len(s) if isinstance(s, bytes) else s[1] for s in segments)
         self._segments = deque(segments)
-        self._file: IO[bytes] | None = None
-        self._file_path: Path | None = None
+        self._fd: int | None = None
+        self._file_path = ""
         self._file_size = 0
         self._file_left = 0
 
@@ -221,8 +223,8 @@ class _MultipartBody:
         """Return up to ``size`` bytes of the body (all that is left when negative)."""
         wanted = self._length if size is None or size < 0 else size
         out = bytearray()
-        while len(out) < wanted and (self._file is not None or self._segments):
-            if self._file is not None:
+        while len(out) < wanted and (self._fd is not None or self._segments):
+            if self._fd is not None:
                 out += self._read_file(wanted - len(out))
                 continue
             segment = self._segments.popleft()
@@ -235,28 +237,31 @@ class _MultipartBody:
                 self._file_path, self._file_size = segment
                 self._file_left = self._file_size
                 try:
-                    self._file = self._file_path.open("rb")
+                    self._fd = os.open(self._file_path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
                 except OSError as exc:
                     raise _SourceError(exc) from exc
         return bytes(out)
 
     def _read_file(self, limit: int) -> bytes:
-        assert self._file is not None and self._file_path is not None
+        assert self._fd is not None
+        want = min(limit, self._file_left)
+        # Reading the rest, ask for one byte more than announced: getting it means the file
+        # grew, and sending a prefix of it would store a truncated image. (A regular file
+        # returns fewer bytes than asked only at its end.)
+        ask = want + 1 if want == self._file_left else want
         try:
-            data = self._file.read(min(limit, self._file_left)) if self._file_left else b""
-            self._file_left -= len(data)
-            # One byte more than announced means the file grew: sending a prefix of it
-            # would store a truncated image.
-            grew = self._file.read(1) if self._file_left == 0 else b""
+            data = os.read(self._fd, ask)
         except OSError as exc:
             self._close_file()
             raise _SourceError(exc) from exc
+        if len(data) > self._file_left:
+            self._close_file()
+            raise _SourceError(
+                OSError(f"{self._file_path} grew while it was being uploaded; upload abandoned")
+            )
+        self._file_left -= len(data)
         if self._file_left == 0:
             self._close_file()
-            if grew:
-                raise _SourceError(
-                    OSError(f"{self._file_path} grew while it was being uploaded; upload abandoned")
-                )
         elif not data:
             self._close_file()
             raise _SourceError(
@@ -268,9 +273,9 @@ class _MultipartBody:
         return data
 
     def _close_file(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def close(self) -> None:
         """Close the file being read, if any."""

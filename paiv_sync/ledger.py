@@ -6,7 +6,10 @@ while its POST is in flight; rows found ``uploading`` at start-up are "in doubt"
 against what the server holds before anything is sent again.
 
 One connection is shared by the service's threads behind a lock: every call is short (no network
-I/O happens while the lock is held), and SQLite serialises writers anyway.
+I/O happens while the lock is held), and SQLite serialises writers anyway. The calls made for
+every file work on whole slices and batches with set-based statements: each statement step lets
+go of the interpreter lock, and a thread holding the ledger must then wait to get it back, so
+the number of statements per lock hold, not their cost inside SQLite, sets the pace.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +149,11 @@ class FileRow:
         """The file's absolute path on disk."""
         return Path(self.root, self.rel_path)
 
+    @property
+    def file_path(self) -> str:
+        """:attr:`path` as a string, made without a Path (cheaper, for every file)."""
+        return os.path.join(self.root, self.rel_path)
+
 
 @dataclass(frozen=True)
 class TrainingRow:
@@ -182,6 +190,40 @@ _TRAINING_COLUMNS = (
 )
 
 
+# fdatasync where the system has it (Linux); fsync elsewhere (macOS), as SQLite itself does.
+_datasync: Callable[[int], None] = getattr(os, "fdatasync", os.fsync)
+
+# Host parameters per statement: below SQLITE_MAX_VARIABLE_NUMBER of SQLite before 3.32 (999).
+_MAX_PARAMS = 900
+
+
+def _marks(count: int) -> str:
+    """``?, ?, …`` for ``count`` host parameters."""
+    return ", ".join("?" * count)
+
+
+def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+@dataclass(frozen=True)
+class NewFile:
+    """A complete, hashed file for :meth:`Ledger.record_many`."""
+
+    root: str
+    rel_path: str
+    category: str
+    size: int
+    mtime_ns: int
+    sha256: str
+    content_type: str
+
+
+# The states in which a row's content counts as in the dataset or on its way there.
+_HELD_STATES = (PENDING, UPLOADING, UPLOADED)
+
+
 class Ledger:
     """The SQLite ledger at ``path``, opened for exclusive use by this process.
 
@@ -203,6 +245,9 @@ class Ledger:
         self._lock_file: Any = None
         self.rebuilt = False  # True when a corrupt database was moved aside (``recover``)
         self._recovering = False
+        # The write-ahead log, opened once to sync it (it lives as long as the connection).
+        self._wal_fd: int | None = None
+        self._wal_guard = threading.Lock()
         if readonly:
             # For ``status`` while the service runs: no lock, no writes (WAL allows readers).
             if not path.exists():
@@ -265,9 +310,10 @@ class Ledger:
                 str(path), check_same_thread=False, isolation_level=None, timeout=30
             )
             db.execute("PRAGMA journal_mode=WAL")
-            # FULL: a state change that was committed survives a power cut, so an upload the
-            # server confirmed is never forgotten (and so never sent twice).
-            db.execute("PRAGMA synchronous=FULL")
+            # NORMAL: a commit writes the log without waiting for the disk; a durable
+            # transaction then syncs the log itself, after letting go of the ledger (see
+            # _transaction). WAL with NORMAL never leaves a damaged database after a power cut.
+            db.execute("PRAGMA synchronous=NORMAL")
             # A damaged page can hide until the row on it is read: look at every page now,
             # while the file can still be set aside, rather than fail in the middle of a run.
             verdict = db.execute("PRAGMA quick_check(1)").fetchone()
@@ -369,6 +415,10 @@ class Ledger:
         """Close the database and release the lock."""
         with self._lock:
             self._db.close()
+            with self._wal_guard:
+                if self._wal_fd is not None:
+                    os.close(self._wal_fd)
+                    self._wal_fd = None
             self._release_lock()
 
     def __enter__(self) -> Ledger:
@@ -382,41 +432,33 @@ class Ledger:
         """A write transaction; ``durable=False`` commits without waiting for the disk.
 
         Only for rows the disk can give back: if a power cut loses such a commit, the next
-        scan finds the file again. In WAL mode the next durable commit syncs every earlier
-        one too, so a confirmed upload is never recorded before the rows it depends on.
+        scan finds the file again. The log is written in order, so syncing it makes every
+        earlier commit durable too: a confirmed upload is never recorded before the rows it
+        depends on. Inside :meth:`batch` the writes simply join the batch's transaction.
         """
         with self._lock:
             if self._db.in_transaction:
-                # Inside batch(): a savepoint, committed (or not) with the batch.
-                self._db.execute("SAVEPOINT one")
-                try:
-                    yield self._db
-                except BaseException:
-                    self._db.execute("ROLLBACK TO one")
-                    self._db.execute("RELEASE one")
-                    raise
-                self._db.execute("RELEASE one")
+                yield self._db
                 return
-            if not durable:
-                self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    yield self._db
-                except BaseException:
-                    self._db.execute("ROLLBACK")
-                    raise
-                self._db.execute("COMMIT")
-            finally:
-                if not durable:
-                    self._db.execute("PRAGMA synchronous=FULL")
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+        if durable:
+            # Outside the lock: the other threads go on with the ledger while the disk works.
+            # The caller returns only once the commit (and every earlier one) is on disk.
+            self.sync()
 
     @contextlib.contextmanager
     def batch(self) -> Iterator[None]:
         """Group the writes made inside (by this thread) into one non-durable transaction.
 
-        Each write inside is a savepoint of it. Holds the ledger for the whole block: keep it
-        short (a slice of files), with no network I/O inside.
+        They commit together, or, when an exception leaves the block, none of them does. Holds
+        the ledger for the whole block: keep it short (a slice of files), with no network I/O
+        inside.
         """
         with self._transaction(durable=False):
             yield
@@ -475,17 +517,22 @@ class Ledger:
     ) -> dict[tuple[str, str], tuple[int, int]]:
         """``(root, rel_path) -> (size, mtime_ns)`` recorded for those of ``paths`` seen before.
 
-        One hold of the ledger for the lot, instead of one :meth:`lookup` each.
+        One hold of the ledger and one statement per root (per few hundred paths) for the lot,
+        instead of one :meth:`lookup` each.
         """
+        by_root: dict[str, list[str]] = {}
+        for root, rel_path in paths:
+            by_root.setdefault(root, []).append(rel_path)
         found: dict[tuple[str, str], tuple[int, int]] = {}
         with self._lock:
-            for root, rel_path in paths:
-                row = self._db.execute(
-                    "SELECT size, mtime_ns FROM files WHERE root = ? AND rel_path = ?",
-                    (root, rel_path),
-                ).fetchone()
-                if row is not None:
-                    found[(root, rel_path)] = (int(row[0]), int(row[1]))
+            for root, rel_paths in by_root.items():
+                for chunk in _chunks(rel_paths, _MAX_PARAMS):
+                    for rel_path, size, mtime_ns in self._db.execute(
+                        "SELECT rel_path, size, mtime_ns FROM files "
+                        f"WHERE root = ? AND rel_path IN ({_marks(len(chunk))})",
+                        (root, *chunk),
+                    ):
+                        found[(root, rel_path)] = (int(size), int(mtime_ns))
         return found
 
     def get(self, file_id: int) -> FileRow | None:
@@ -534,101 +581,220 @@ class Ledger:
         content_type: str,
         skip_duplicates: bool,
     ) -> Outcome:
-        """Record a complete, hashed file; return its row and whether it is new.
+        """Record one complete, hashed file: :meth:`record_many` of one."""
+        item = NewFile(root, rel_path, category, size, mtime_ns, sha256, content_type)
+        return self.record_many([item], skip_duplicates=skip_duplicates)[0]
+
+    def record_many(self, items: Sequence[NewFile], *, skip_duplicates: bool) -> list[Outcome]:
+        """Record complete, hashed files; return one outcome per item, in order.
 
         A known path with the same content only has its stat data refreshed (a ``touch`` or a
         copy with new times is not a new image). A known path with new content becomes a new
         ``pending`` image unless its previous POST is still in doubt; the server's copy of the
         old content is remembered, so that it is never taken for the new one. With
-        ``skip_duplicates``, content that the category already holds (uploaded or on its way)
-        is recorded as ``duplicate``. While the ledger is ``recovering`` a new image is
-        recorded ``uploading`` (in doubt) instead of ``pending``.
+        ``skip_duplicates``, content that the category already holds (uploaded or on its way,
+        an earlier item of the same call included) is recorded as ``duplicate``. While the
+        ledger is ``recovering`` a new image is recorded ``uploading`` (in doubt) instead of
+        ``pending``. The items are taken one after the other, as separate calls would take
+        them, with a handful of statements for the lot: one commit, not durable (see
+        :meth:`_transaction`).
         """
         now = self._clock()
+        outcomes: list[Outcome] = []
         with self._transaction(durable=False) as db:
-            row = db.execute(
-                f"SELECT {_FILE_COLUMNS} FROM files WHERE root = ? AND rel_path = ?",
-                (root, rel_path),
-            ).fetchone()
-            old = FileRow(*row) if row else None
-            if old is not None and old.sha256 == sha256:
-                db.execute(
-                    "UPDATE files SET size = ?, mtime_ns = ?, updated = ? WHERE id = ?",
-                    (size, mtime_ns, now, old.id),
-                )
-                return Outcome(self._get_locked(old.id), new=False)
-            if old is not None and old.state == UPLOADING:
-                # New content while the old one's POST is in doubt: leave the row (and its stat
-                # data) alone, so the next scan sees the change again once the batch is settled.
-                return Outcome(old, new=False)
-            if old is not None and old.state == UPLOADED:
-                # The dataset keeps the old content under the same name (and perhaps the same
-                # size): remember that copy, or reconciling could take it for the new content.
-                db.execute(
-                    "INSERT INTO replaced_uploads (category, upload_name, size, sha256, "
-                    "server_file_id, replaced_at) VALUES (?, ?, ?, ?, ?, ?)",
-                    (old.category, old.upload_name, old.size, old.sha256, old.server_file_id, now),
-                )
-            state, reason = (UPLOADING, RECOVERED_REASON) if self._recovering else (PENDING, None)
+            known = self._rows_at(db, [(i.root, i.rel_path) for i in items])
+            holders: dict[tuple[str, str], set[tuple[str, str]]] = {}
+            replaced: set[tuple[str, str]] = set()
             if skip_duplicates:
-                twin = db.execute(
-                    "SELECT rel_path FROM files WHERE category = ? AND sha256 = ? "
-                    "AND state IN (?, ?, ?) AND NOT (root = ? AND rel_path = ?) LIMIT 1",
-                    (category, sha256, PENDING, UPLOADING, UPLOADED, root, rel_path),
-                ).fetchone()
-                if (
-                    twin is None
-                    and db.execute(
-                        "SELECT 1 FROM replaced_uploads WHERE category = ? AND sha256 = ? LIMIT 1",
-                        (category, sha256),
-                    ).fetchone()
+                holders, replaced = self._content_holders(db, items)
+            inserts: list[FileRow] = []  # written at the end, in a few statements
+            to_insert: dict[tuple[str, str], int] = {}  # key -> index in inserts
+            next_id = 0
+            for item in items:
+                key = (item.root, item.rel_path)
+                old = known.get(key)
+                if old is not None and old.sha256 == item.sha256:
+                    known[key] = replace(old, size=item.size, mtime_ns=item.mtime_ns)
+                    if key in to_insert:
+                        inserts[to_insert[key]] = known[key]
+                    else:
+                        db.execute(
+                            "UPDATE files SET size = ?, mtime_ns = ?, updated = ? WHERE id = ?",
+                            (item.size, item.mtime_ns, now, old.id),
+                        )
+                    outcomes.append(Outcome(known[key], new=False))
+                    continue
+                if old is not None and old.state == UPLOADING:
+                    # New content while the old one's POST is in doubt: leave the row (and its
+                    # stat data) alone, so the next scan sees the change again once the batch
+                    # is settled.
+                    outcomes.append(Outcome(old, new=False))
+                    continue
+                if old is not None and old.state == UPLOADED:
+                    # The dataset keeps the old content under the same name (and perhaps the
+                    # same size): remember that copy, or reconciling could take it for the new
+                    # content.
+                    db.execute(
+                        "INSERT INTO replaced_uploads (category, upload_name, size, sha256, "
+                        "server_file_id, replaced_at) VALUES (?, ?, ?, ?, ?, ?)",
+                        (
+                            old.category,
+                            old.upload_name,
+                            old.size,
+                            old.sha256,
+                            old.server_file_id,
+                            now,
+                        ),
+                    )
+                    replaced.add((old.category, old.sha256 or ""))
+                if old is not None:
+                    holders.get((old.category, old.sha256 or ""), set()).discard(key)
+                state, reason = (
+                    (UPLOADING, RECOVERED_REASON) if self._recovering else (PENDING, None)
+                )
+                if skip_duplicates:
+                    content = (item.category, item.sha256)
+                    twins = holders.get(content, set()) - {key}
+                    if twins:
+                        state, reason = DUPLICATE, f"same content as {min(twins)[1]}"
+                    elif content in replaced:
+                        state, reason = (
+                            DUPLICATE,
+                            "same content as a file since replaced by new content",
+                        )
+                if old is None:
+                    if not next_id:
+                        next_id = (
+                            int(db.execute("SELECT COALESCE(MAX(id), 0) FROM files").fetchone()[0])
+                            + 1
+                        )
+                    file_id = next_id
+                    next_id += 1
+                else:
+                    file_id = old.id
+                row = FileRow(
+                    file_id,
+                    item.root,
+                    item.rel_path,
+                    item.category,
+                    item.rel_path.rsplit("/", 1)[-1],
+                    item.size,
+                    item.mtime_ns,
+                    item.sha256,
+                    item.content_type,
+                    state,
+                    reason,
+                    0,
+                    None,
+                    None,
+                )
+                if old is None:
+                    to_insert[key] = len(inserts)
+                    inserts.append(row)
+                elif key in to_insert:
+                    inserts[to_insert[key]] = row  # the same path twice in one call
+                else:
+                    db.execute(
+                        "UPDATE files SET category = ?, upload_name = ?, size = ?, mtime_ns = ?, "
+                        "sha256 = ?, content_type = ?, state = ?, reason = ?, attempts = 0, "
+                        "batch_id = NULL, server_file_id = NULL, uploaded_at = NULL, updated = ? "
+                        "WHERE id = ?",
+                        (
+                            row.category,
+                            row.upload_name,
+                            row.size,
+                            row.mtime_ns,
+                            row.sha256,
+                            row.content_type,
+                            state,
+                            reason,
+                            now,
+                            file_id,
+                        ),
+                    )
+                known[key] = row
+                if state in _HELD_STATES:
+                    holders.setdefault((item.category, item.sha256), set()).add(key)
+                outcomes.append(Outcome(row, new=True))
+            self._insert_rows(db, inserts, now)
+        return outcomes
+
+    @staticmethod
+    def _rows_at(
+        db: sqlite3.Connection, keys: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], FileRow]:
+        """The rows at ``(root, rel_path)`` keys, those that exist."""
+        by_root: dict[str, list[str]] = {}
+        for root, rel_path in keys:
+            by_root.setdefault(root, []).append(rel_path)
+        found: dict[tuple[str, str], FileRow] = {}
+        for root, rel_paths in by_root.items():
+            for chunk in _chunks(rel_paths, _MAX_PARAMS):
+                for raw in db.execute(
+                    f"SELECT {_FILE_COLUMNS} FROM files "
+                    f"WHERE root = ? AND rel_path IN ({_marks(len(chunk))})",
+                    (root, *chunk),
                 ):
-                    twin = ("a file since replaced by new content",)
-                if twin is not None:
-                    state, reason = DUPLICATE, f"same content as {twin[0]}"
-            upload_name = Path(rel_path).name
-            if old is None:
-                cursor = db.execute(
-                    "INSERT INTO files (root, rel_path, category, upload_name, size, mtime_ns, "
-                    "sha256, content_type, state, reason, first_seen, updated) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        root,
-                        rel_path,
-                        category,
-                        upload_name,
-                        size,
-                        mtime_ns,
-                        sha256,
-                        content_type,
-                        state,
-                        reason,
-                        now,
-                        now,
-                    ),
+                    row = FileRow(*raw)
+                    found[(row.root, row.rel_path)] = row
+        return found
+
+    @staticmethod
+    def _content_holders(
+        db: sqlite3.Connection, items: Sequence[NewFile]
+    ) -> tuple[dict[tuple[str, str], set[tuple[str, str]]], set[tuple[str, str]]]:
+        """For the items' ``(category, sha256)``: the paths of rows holding that content
+        (pending, uploading or uploaded), and the contents replaced after their upload."""
+        by_category: dict[str, list[str]] = {}
+        for item in items:
+            by_category.setdefault(item.category, []).append(item.sha256)
+        holders: dict[tuple[str, str], set[tuple[str, str]]] = {}
+        replaced: set[tuple[str, str]] = set()
+        for category, digests in by_category.items():
+            for chunk in _chunks(sorted(set(digests)), _MAX_PARAMS - 4):
+                marks = _marks(len(chunk))
+                for root, rel_path, digest in db.execute(
+                    "SELECT root, rel_path, sha256 FROM files WHERE category = ? "
+                    f"AND sha256 IN ({marks}) AND state IN (?, ?, ?)",
+                    (category, *chunk, *_HELD_STATES),
+                ):
+                    holders.setdefault((category, digest), set()).add((root, rel_path))
+                for (digest,) in db.execute(
+                    "SELECT DISTINCT sha256 FROM replaced_uploads WHERE category = ? "
+                    f"AND sha256 IN ({marks})",
+                    (category, *chunk),
+                ):
+                    replaced.add((category, digest))
+        return holders, replaced
+
+    @staticmethod
+    def _insert_rows(db: sqlite3.Connection, rows: Sequence[FileRow], now: float) -> None:
+        """Insert new rows (with the ids already given them) in a few multi-row statements."""
+        columns = 13
+        for chunk in _chunks(rows, _MAX_PARAMS // columns):
+            values: list[Any] = []
+            for r in chunk:
+                values += (
+                    r.id,
+                    r.root,
+                    r.rel_path,
+                    r.category,
+                    r.upload_name,
+                    r.size,
+                    r.mtime_ns,
+                    r.sha256,
+                    r.content_type,
+                    r.state,
+                    r.reason,
+                    now,
+                    now,
                 )
-                file_id = int(cursor.lastrowid or 0)
-            else:
-                file_id = old.id
-                db.execute(
-                    "UPDATE files SET category = ?, upload_name = ?, size = ?, mtime_ns = ?, "
-                    "sha256 = ?, content_type = ?, state = ?, reason = ?, attempts = 0, "
-                    "batch_id = NULL, server_file_id = NULL, uploaded_at = NULL, updated = ? "
-                    "WHERE id = ?",
-                    (
-                        category,
-                        upload_name,
-                        size,
-                        mtime_ns,
-                        sha256,
-                        content_type,
-                        state,
-                        reason,
-                        now,
-                        file_id,
-                    ),
-                )
-            return Outcome(self._get_locked(file_id), new=True)
+            db.execute(
+                "INSERT INTO files (id, root, rel_path, category, upload_name, size, mtime_ns, "
+                "sha256, content_type, state, reason, first_seen, updated) VALUES "
+                + ", ".join([f"({_marks(columns)})"] * len(chunk)),
+                values,
+            )
 
     def reject(
         self, *, root: str, rel_path: str, category: str, size: int, mtime_ns: int, reason: str
@@ -765,11 +931,12 @@ class Ledger:
                 (category, dataset_id, now),
             )
             batch_id = int(cursor.lastrowid or 0)
-            db.executemany(
-                "UPDATE files SET state = ?, batch_id = ?, attempts = attempts + 1, updated = ? "
-                "WHERE id = ? AND state = ?",
-                [(UPLOADING, batch_id, now, fid, PENDING) for fid in file_ids],
-            )
+            for chunk in _chunks(file_ids, _MAX_PARAMS):
+                db.execute(
+                    "UPDATE files SET state = ?, batch_id = ?, attempts = attempts + 1, "
+                    f"updated = ? WHERE state = ? AND id IN ({_marks(len(chunk))})",
+                    (UPLOADING, batch_id, now, PENDING, *chunk),
+                )
         return batch_id
 
     def batch_rows(self, batch_id: int) -> list[FileRow]:
@@ -793,23 +960,34 @@ class Ledger:
         doubt, resolved against the server's list at the next start, never sent blind.
         """
         now = self._clock()
+        server_ids = dict(results)
         with self._transaction(durable=durable) as db:
             changed = 0
             recovered = 0
-            for file_id, server_id in results:
-                was = db.execute(
-                    "SELECT reason FROM files WHERE id = ? AND state = ?", (file_id, UPLOADING)
+            # Three host parameters per row: the id in the CASE, its server id, the id in IN.
+            for chunk in _chunks(list(server_ids), _MAX_PARAMS // 3):
+                marks = _marks(len(chunk))
+                found = db.execute(
+                    "SELECT COUNT(*), TOTAL(reason = ?) FROM files "
+                    f"WHERE state = ? AND id IN ({marks})",
+                    (RECOVERED_REASON, UPLOADING, *chunk),
                 ).fetchone()
-                if was is None:
-                    continue
+                changed += int(found[0])
+                recovered += int(found[1])
+                cases = " ".join(["WHEN ? THEN ?"] * len(chunk))
                 db.execute(
-                    "UPDATE files SET state = ?, server_file_id = ?, uploaded_at = ?, "
-                    "reason = NULL, updated = ? WHERE id = ?",
-                    (UPLOADED, server_id, now, now, file_id),
+                    f"UPDATE files SET state = ?, server_file_id = CASE id {cases} END, "
+                    "uploaded_at = ?, reason = NULL, updated = ? "
+                    f"WHERE state = ? AND id IN ({marks})",
+                    (
+                        UPLOADED,
+                        *(v for fid in chunk for v in (fid, server_ids[fid])),
+                        now,
+                        now,
+                        UPLOADING,
+                        *chunk,
+                    ),
                 )
-                changed += 1
-                if was[0] == RECOVERED_REASON:
-                    recovered += 1
             total = int(
                 (
                     db.execute("SELECT value FROM meta WHERE key = 'uploads_total'").fetchone()
@@ -824,15 +1002,22 @@ class Ledger:
         return changed
 
     def sync(self) -> None:
-        """Make every commit so far durable (a passive WAL checkpoint syncs the log first).
+        """Make every commit so far durable: sync the write-ahead log to the disk.
 
-        Raises LedgerError when the database cannot be written.
+        Needs no hold of the ledger. SQLite syncs the log before each checkpoint copies it
+        into the database, and the database after, so commits already checkpointed are on
+        disk as well. Raises LedgerError when the disk refuses.
         """
         try:
-            with self._lock:
-                self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-        except sqlite3.Error as exc:
-            raise LedgerError(f"ledger {self.path}: cannot sync: {exc}") from exc
+            with self._wal_guard:
+                if self._wal_fd is None:
+                    self._wal_fd = os.open(f"{self.path}-wal", os.O_RDONLY | os.O_CLOEXEC)
+                fd = self._wal_fd
+            _datasync(fd)
+        except OSError as exc:
+            raise LedgerError(
+                f"ledger {self.path}: cannot make the last changes durable: {exc.strerror or exc}"
+            ) from exc
 
     def mark_rejected(self, results: Iterable[tuple[int, str]]) -> None:
         """Rows the server refused for good: ``(file id, the server's reason)``."""

@@ -7,6 +7,7 @@ down, so a stop never has to sit out a 60 s back-off.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import threading
@@ -77,14 +78,19 @@ def _short_reason(exc: BaseException | None) -> str:
     return text if len(text) <= 120 else text[:117] + "..."
 
 
+@functools.cache
+def _jitter_takes_multiplier() -> bool:
+    """Whether this tenacity's ``wait_exponential_jitter`` has ``multiplier`` (asked once)."""
+    return "multiplier" in inspect.signature(tenacity.wait_exponential_jitter).parameters
+
+
 def _exponential_jitter(policy: RetryPolicy) -> tenacity.wait.wait_base:
     """Return tenacity's exponential-with-jitter wait for ``policy``.
 
     tenacity renamed ``initial`` to ``multiplier`` (9.x warns about the old name; older
     releases lack the new one), so pick whichever this tenacity understands.
     """
-    params = inspect.signature(tenacity.wait_exponential_jitter).parameters
-    if "multiplier" in params:
+    if _jitter_takes_multiplier():
         return tenacity.wait_exponential_jitter(
             multiplier=policy.initial, max=policy.maximum, jitter=policy.jitter
         )

@@ -11,9 +11,10 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -25,7 +26,7 @@ from paiv_sync.batcher import Debouncer, batches
 from paiv_sync.config import Config
 from paiv_sync.images import Inspection, content_type, inspect_image
 from paiv_sync.layout import Layout, Location, Skip
-from paiv_sync.ledger import Ledger, LedgerError
+from paiv_sync.ledger import Ledger, LedgerError, NewFile, Outcome
 from paiv_sync.retry import RetryPolicy
 from paiv_sync.scanner import SKIP_NOT_REGULAR, scan, scan_stats
 from paiv_sync.stability import Settled, StabilityGate
@@ -69,6 +70,10 @@ def make_client(
         retry=retry,
         stop_event=stop_event,
     )
+
+
+# Path hints taken from the inbox per turn of the pipeline loop.
+_HINTS_PER_TURN = 256
 
 
 def _no_notify(_message: str) -> None:
@@ -381,12 +386,15 @@ class Service:
             item = self.inbox.get(timeout=timeout)
         except queue.Empty:
             return
-        for _ in range(10_000):
-            self._take_hint(*item)
+        self._take_hint(*item)
+        # A bounded handful per turn: in a burst, files that have settled meanwhile are taken
+        # in and sent while later events are still arriving, not after the last of them.
+        for _ in range(_HINTS_PER_TURN - 1):
             try:
                 item = self.inbox.get_nowait()
             except queue.Empty:
                 return
+            self._take_hint(*item)
 
     def _take_hint(self, path: str, is_dir: bool) -> None:
         if not path:
@@ -394,13 +402,25 @@ class Service:
         if is_dir:
             self._scan_subtree(Path(path))
             return
-        where = self.layout.locate(Path(path))
+        where = self.layout.locate(path)
         if isinstance(where, Skip):
             self._skip(path, where)
             return
         # The scan's rules for this one path, so an event cannot let in what a scan keeps out:
         # a link is not followed (or, with follow_symlinks, only to a target inside its root),
         # and only a regular file is taken — opening a named pipe would block this thread.
+        # A regular file (nearly every event) takes the short way, as the scan would take it.
+        try:
+            info = os.lstat(path)
+        except FileNotFoundError:
+            return  # gone already: nothing to take
+        except OSError:
+            info = None  # the scan reports why it cannot look
+        if info is not None and stat.S_ISREG(info.st_mode):
+            self.gate.offer(
+                os.path.join(where.root, where.rel_path), info.st_size, info.st_mtime_ns
+            )
+            return
         for found in scan(
             self.layout,
             Path(path),
@@ -560,7 +580,7 @@ class Service:
             checked: list[_Checked] = []
             located: list[tuple[Settled, Location]] = []
             for settled in due[start : start + slice_size]:
-                where = self.layout.locate(Path(settled.path))
+                where = self.layout.locate(settled.path)
                 if isinstance(where, Location):
                     located.append((settled, where))
             known = self.ledger.known_stats((str(w.root), w.rel_path) for _, w in located)
@@ -575,9 +595,7 @@ class Service:
                 found = self._inspect(settled, where)
                 if found is not None:
                     checked.append(found)
-            with self.ledger.batch():
-                for found in checked:
-                    self._admit(found)
+            self._admit(checked)
             self._collect_uploads()
             self._dispatch(force=self.once)
 
@@ -607,47 +625,58 @@ class Service:
             return None
         return _Checked(where, settled, seen)
 
-    def _admit(self, checked: _Checked) -> None:
-        """Record one checked file: rejected, duplicate or pending."""
+    def _admit(self, checked: Sequence[_Checked]) -> None:
+        """Record a slice of checked files, in one transaction: rejected, duplicate or pending."""
         assert self.ledger is not None
-        where, settled, seen = checked.where, checked.settled, checked.seen
-        root, rel = str(where.root), where.rel_path
-        if seen.problem is not None:
-            self.ledger.reject(
-                root=root,
-                rel_path=rel,
-                category=where.category,
-                size=settled.size,
-                mtime_ns=settled.mtime_ns,
-                reason=seen.problem,
+        images: list[_Checked] = []
+        with self.ledger.batch():
+            for found in checked:
+                if found.seen.problem is None:
+                    images.append(found)
+                    continue
+                where, settled = found.where, found.settled
+                self.ledger.reject(
+                    root=str(where.root),
+                    rel_path=where.rel_path,
+                    category=where.category,
+                    size=settled.size,
+                    mtime_ns=settled.mtime_ns,
+                    reason=found.seen.problem,
+                )
+                self.summary.rejected += 1
+                log.warning("%s not uploaded: %s", where.rel_path, found.seen.problem)
+            counts = self._pending_counts()  # before the new rows, so the +1 below is right
+            outcomes = self.ledger.record_many(
+                [
+                    NewFile(
+                        str(found.where.root),
+                        found.where.rel_path,
+                        found.where.category,
+                        found.settled.size,
+                        found.settled.mtime_ns,
+                        found.seen.sha256 or "",
+                        content_type(found.seen.kind or "jpeg"),
+                    )
+                    for found in images
+                ],
+                skip_duplicates=self.config.skip_duplicates,
             )
-            self.summary.rejected += 1
-            log.warning("%s not uploaded: %s", rel, seen.problem)
-            return
-        digest = seen.sha256 or ""
-        kind = seen.kind
-        counts = self._pending_counts()  # before the new row, so the +1 below is right
-        outcome = self.ledger.record(
-            root=root,
-            rel_path=rel,
-            category=where.category,
-            size=settled.size,
-            mtime_ns=settled.mtime_ns,
-            sha256=digest,
-            content_type=content_type(kind or "jpeg"),
-            skip_duplicates=self.config.skip_duplicates,
-        )
-        if not outcome.new:
-            return
+        for found, outcome in zip(images, outcomes, strict=True):
+            if outcome.new:
+                self._added(found, outcome, counts)
+
+    def _added(self, found: _Checked, outcome: Outcome, counts: dict[str, int]) -> None:
+        """Count and log one file the ledger took as new."""
+        rel, category = found.where.rel_path, found.where.category
         if outcome.row.state == states.DUPLICATE:
             self.summary.duplicates += 1
             log.info("%s not uploaded: %s (skip_duplicates)", rel, outcome.row.reason)
             return
         self.summary.added += 1
-        self._progress_add(total=(1, settled.size))
-        self.debouncer.arrived(where.category)
-        counts[where.category] = counts.get(where.category, 0) + 1
-        count = counts[where.category]
+        self._progress_add(total=(1, found.settled.size))
+        self.debouncer.arrived(category)
+        counts[category] = counts.get(category, 0) + 1
+        count = counts[category]
         needed = self.debouncer.needed(count)
         if self.once:
             log.info("%s added — %d pending", rel, count)

@@ -62,6 +62,10 @@ def missing_for_training(counts: Mapping[str, int]) -> str | None:
     )
 
 
+# Shortest time between two training steps when uploads keep waking the trainer.
+WAKE_GAP = 0.25
+
+
 class Trainer:
     """Decides when to train and follows each task to its end."""
 
@@ -284,5 +288,8 @@ class Trainer:
             started = time.monotonic()
             while not self._stop.is_set() and time.monotonic() - started < delay:
                 if wake.wait(min(0.5, delay)):
+                    # Woken (by an upload, say): a step at most every WAKE_GAP seconds, so a
+                    # burst of uploads costs a few ledger reads, not one per batch.
+                    self._stop.wait(max(0.0, started + WAKE_GAP - time.monotonic()))
                     wake.clear()
                     break

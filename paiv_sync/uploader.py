@@ -203,7 +203,7 @@ class Uploader:
             try:
                 results = self.client.upload(
                     dataset_id,
-                    [UploadPart(r.path, r.upload_name, r.content_type or "") for r in sending],
+                    [UploadPart(r.file_path, r.upload_name, r.content_type or "") for r in sending],
                     category_name=category,
                     category_id=category_id,
                 )
@@ -274,7 +274,8 @@ class Uploader:
                 )
                 self._backoff(attempt)
                 continue
-            self._settle_results(sending, results, report, file_failures)
+            if self._settle_results(sending, results, report, file_failures) and (sending is rows):
+                return  # every row of the batch is settled: nothing left to read back
 
     def _ensure_category(self, dataset_id: str, category: str) -> str | None:
         attempt = 0
@@ -298,7 +299,7 @@ class Uploader:
         keep = []
         for row in rows:
             try:
-                st = os.stat(row.path)
+                st = os.stat(row.file_path)
             except FileNotFoundError:
                 self.ledger.mark_pending([row.id])
                 self.ledger.forget(row.id)
@@ -324,7 +325,8 @@ class Uploader:
         results: Sequence[FileResult],
         report: BatchReport,
         file_failures: Counter[int],
-    ) -> None:
+    ) -> bool:
+        """Record the server's verdict on ``rows``; True when every one of them is settled."""
         uploaded: list[tuple[int, str | None]] = []
         rejected: list[tuple[int, str]] = []
         by_name: dict[str, list[FileResult]] = {}
@@ -363,7 +365,8 @@ class Uploader:
         # durable commit (the next batch's begin_batch, or the service's sync when uploads go
         # quiet) carries it to disk; a power cut before that leaves these rows in doubt, which
         # the next start resolves against the dataset's list rather than sending them again.
-        report.uploaded += self.ledger.mark_uploaded(uploaded, durable=False)
+        marked = self.ledger.mark_uploaded(uploaded, durable=False)
+        report.uploaded += marked
         if rejected:
             self.ledger.mark_rejected(rejected)
             report.rejected += len(rejected)
@@ -371,6 +374,8 @@ class Uploader:
         report.settled_bytes += sum(r.size for r in rows if r.id in settled)
         if len(uploaded) + len(rejected) < len(rows):
             self._backoff(max(file_failures.values(), default=1))
+            return False
+        return marked == len(uploaded)
 
     def _refused_alone(
         self, row: FileRow, exc: RequestError, report: BatchReport, file_failures: Counter[int]

@@ -49,6 +49,19 @@ def test_ingest_runs_and_checks_the_server(tmp_path: Path) -> None:
     assert set(once.phases) >= {"check + hash + ledger (admit)", "upload (dispatch + wait)"}
 
 
+def test_watch_mode_run_uses_its_own_process_and_puts_the_files_back(tmp_path: Path) -> None:
+    source = tmp_path / "images"
+    paths = make_image_tree(source, 10, size=3_000)
+    with EmulatorProcess() as emulator:
+        watch = ingest.paiv_watch_cli(emulator, source, tmp_path, len(paths))
+        held = emulator.state()
+    assert watch.files == 10 and watch.client_cpu > 0
+    assert sorted(f["original_file_name"] for d in held["datasets"] for f in d["files"]) == sorted(
+        p.name for p in paths
+    )
+    assert all(p.exists() for p in paths)  # moved back for the next run
+
+
 def _full_ledger(tmp_path: Path, emulator: EmulatorProcess, *, stale: int) -> Path:
     """A tree of 30 files and a ledger saying they are uploaded (``stale`` with a wrong mtime)."""
     root = tmp_path / "tree"

@@ -98,6 +98,20 @@ def test_a_burst_files_moved_in_and_a_tree_copied_in_arrive_once(
     assert_exactly_once(emulator, expected)
 
 
+def test_every_hint_of_a_long_queue_is_taken(emulator: Emulator, root: Path) -> None:
+    # One hint per file and no other event: a hint dropped between two turns of the pipeline
+    # loop (it takes a bounded number per turn) would leave its file behind for good.
+    config = config_for(emulator, root, threshold={"upload": 1, "training": 1000}, time=0)
+    deaf = DeafService(config, retry=FAST_RETRY)
+    with serving(deaf):
+        paths = [root / "forest" / f"q{i}.png" for i in range(700)]
+        bodies = [write_image(path, i) for i, path in enumerate(paths)]
+        for path in paths:
+            Service.hint(deaf, str(path), False)  # past the deaf watcher: straight to the inbox
+        wait_until(lambda: uploaded(emulator) >= 700, timeout=60)
+    assert_exactly_once(emulator, {("forest", sha(b)): 1 for b in bodies})
+
+
 def test_lost_events_are_caught_by_the_periodic_rescan(emulator: Emulator, root: Path) -> None:
     clock = Clock()
     config = config_for(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -186,3 +187,120 @@ def test_garbage_file_is_a_clear_error(tmp_path: Path) -> None:
     path.write_bytes(b"this is not a database" * 100)
     with pytest.raises(LedgerError, match="cannot be used"):
         Ledger(path)
+
+
+def _items(rng: random.Random, count: int) -> list[L.NewFile]:
+    """Files drawn from a small pool of paths and contents, so that paths and contents repeat."""
+    items = []
+    for _ in range(count):
+        category = rng.choice(("forest", "city"))
+        name = f"{rng.randrange(6)}.png"
+        items.append(
+            L.NewFile(
+                "/r",
+                f"{category}/{name}",
+                category,
+                rng.randrange(3),
+                rng.randrange(3),
+                f"h{rng.randrange(4)}",
+                "image/png",
+            )
+        )
+    return items
+
+
+def _table(led: Ledger) -> list[tuple[object, ...]]:
+    rows = led._query(
+        "SELECT root, rel_path, category, size, mtime_ns, sha256, state, reason, batch_id "
+        "FROM files ORDER BY rel_path"
+    )
+    replaced = led._query("SELECT category, sha256 FROM replaced_uploads ORDER BY id")
+    return [tuple(r) for r in rows] + [tuple(r) for r in replaced]
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_record_many_takes_items_as_separate_calls_would(tmp_path: Path, seed: int) -> None:
+    rng = random.Random(seed)
+    dup = rng.random() < 0.7
+    with Ledger(tmp_path / "one.sqlite3") as one, Ledger(tmp_path / "many.sqlite3") as many:
+        for round_ in range(4):
+            items = _items(rng, rng.randrange(1, 12))
+            singly = [one.record_many([item], skip_duplicates=dup)[0] for item in items]
+            together = many.record_many(items, skip_duplicates=dup)
+            assert [(o.new, o.row.state, o.row.reason, o.row.size) for o in together] == [
+                (o.new, o.row.state, o.row.reason, o.row.size) for o in singly
+            ], f"round {round_}"
+            # The last row returned for each path is the row as stored.
+            last = {o.row.rel_path: o.row for o in together}
+            for row in last.values():
+                assert many.get(row.id) == row
+            assert _table(many) == _table(one)
+            # Move some rows on, the same way in both ledgers: uploaded, or left in doubt.
+            for led in (one, many):
+                pending = led.pending()
+                chosen = [r.id for r in pending[: len(pending) // 2]]
+                batch = led.begin_batch("forest", "ds", chosen)
+                rows = led.batch_rows(batch)
+                led.mark_uploaded([(r.id, f"s{r.id}") for r in rows[: len(rows) // 2]])
+
+
+def test_record_many_same_path_twice_in_one_call(led: Ledger) -> None:
+    first, second = led.record_many(
+        [
+            L.NewFile("/r", "forest/a.png", "forest", 10, 1, "h1", "image/png"),
+            L.NewFile("/r", "forest/a.png", "forest", 11, 2, "h2", "image/png"),
+        ],
+        skip_duplicates=True,
+    )
+    assert first.new and second.new and first.row.id == second.row.id
+    assert led.get(first.row.id) == second.row
+    assert led.pending_counts() == {"forest": 1}
+
+
+def test_large_batches_are_marked_in_chunks(led: Ledger) -> None:
+    # More rows than one statement takes host parameters for: batch_size goes up to 500.
+    items = [
+        L.NewFile("/r", f"forest/{i:04d}.png", "forest", 10, 1, f"h{i}", "image/png")
+        for i in range(1200)
+    ]
+    outcomes = led.record_many(items, skip_duplicates=True)
+    assert [o.row.rel_path for o in outcomes] == [i.rel_path for i in items]
+    assert len({o.row.id for o in outcomes}) == 1200
+    ids = [o.row.id for o in outcomes]
+    batch = led.begin_batch("forest", "ds", ids)
+    assert len(led.batch_rows(batch)) == 1200
+    assert led.known_stats(("/r", i.rel_path) for i in items) == {
+        ("/r", i.rel_path): (10, 1) for i in items
+    }
+    assert led.mark_uploaded([(fid, f"server-{fid}") for fid in ids]) == 1200
+    assert led.mark_uploaded([(fid, "again") for fid in ids]) == 0
+    stored = {r[0]: r[1] for r in led._query("SELECT id, server_file_id FROM files")}
+    assert stored == {fid: f"server-{fid}" for fid in ids}
+    assert led.uploads_total() == 1200
+
+
+def test_recovered_rows_do_not_count_as_new_uploads(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    with Ledger(path) as led:
+        kept = record(led, "forest/a.png", "h1").row
+    with Ledger(path) as led:
+        led.set_meta("recovering", "1")
+    with Ledger(path) as led:
+        doubtful = record(led, "forest/b.png", "h2").row
+        assert doubtful.state == L.UPLOADING and doubtful.reason == L.RECOVERED_REASON
+        led.begin_batch("forest", "ds", [kept.id])
+        assert led.mark_uploaded([(kept.id, "s1"), (doubtful.id, "s2")]) == 2
+        assert led.uploads_total() == 1  # b was in the dataset before the rebuild
+
+
+def test_ledger_leaves_no_file_open_after_close(tmp_path: Path) -> None:
+    fd_dir = Path("/proc/self/fd")
+    if not fd_dir.exists():
+        pytest.skip("needs /proc")
+    before = len(list(fd_dir.iterdir()))
+    for _ in range(3):
+        with Ledger(tmp_path / "ledger.sqlite3") as led:
+            record(led, "forest/a.png", "h1")
+            led.set_meta("k", "v")  # a durable commit: syncs the log
+            led.sync()
+    assert len(list(fd_dir.iterdir())) == before
