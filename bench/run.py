@@ -76,11 +76,13 @@ def _cell(value: float | None, unit: str = "") -> str:
 
 def table(figures: Sequence[Figure]) -> list[str]:
     """The results as a Markdown table."""
-    rows = [("figure", "paiv-sync", "limit", "ratio", "goal", "met")]
+    rows = [("figure", "paiv-sync", "limit", "ratio", "goal", "met", "note")]
     for f in figures:
         met = "" if f.met is None else ("yes" if f.met else "NO")
         ratio = "" if f.ratio is None else f"{f.ratio:.2f}x"
-        rows.append((f.name, _cell(f.value, f.unit), _cell(f.baseline, f.unit), ratio, f.goal, met))
+        rows.append(
+            (f.name, _cell(f.value, f.unit), _cell(f.baseline, f.unit), ratio, f.goal, met, f.note)
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = []
     for index, row in enumerate(rows):
