@@ -96,6 +96,11 @@ _EVENTS: list[type[FileSystemEvent]] = [
     FileModifiedEvent,
     FileClosedEvent,
 ]
+# inotify also tells when a writer closes a file, which covers every write before it: without
+# its "modified" events (one per write call, dozens for a camera writing a large image in
+# chunks) nothing is missed, because the stability gate watches a new file's size and mtime
+# until they hold still. FSEvents (macOS) and polling have no close event: they keep them.
+_INOTIFY_EVENTS: list[type[FileSystemEvent]] = [e for e in _EVENTS if e is not FileModifiedEvent]
 
 # Handler errors are logged with a traceback at most this often; the rest are only counted.
 _ERROR_LOG_INTERVAL = 60.0
@@ -466,14 +471,13 @@ class Watcher:
         observer is cleaned up first).
         """
         observer = self._new_observer(kind)
+        events = _INOTIFY_EVENTS if type(observer).__name__ == "InotifyObserver" else _EVENTS
         watched: list[Path] = []
         try:
             observer.start()
             for root in roots:
                 try:
-                    observer.schedule(
-                        self._handler, str(root), recursive=True, event_filter=_EVENTS
-                    )
+                    observer.schedule(self._handler, str(root), recursive=True, event_filter=events)
                 except OSError as exc:
                     if exc.errno in (errno.ENOSPC, errno.EMFILE):
                         raise

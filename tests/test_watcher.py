@@ -163,6 +163,34 @@ def test_close_after_write_is_hinted(root: Path, hints: Hints) -> None:
         hints.wait_for(path, timeout=3.0)
 
 
+@linux_only
+def test_a_file_written_in_many_chunks_gives_a_few_hints(root: Path, hints: Hints) -> None:
+    # A camera writing a large image in chunks: inotify's "modified" event comes once per
+    # write, but the create and the close say all there is (the gate watches the size between).
+    with Watcher([root], hints, kind="native"):
+        path = root / "cat" / "big.jpg"
+        with path.open("wb") as handle:
+            for _ in range(200):
+                handle.write(b"x" * 4096)
+                handle.flush()
+                time.sleep(0.001)  # let the reader take each event on its own
+        hints.wait_for(write(root / "cat" / "sentinel.jpg"))
+    assert hints.seen.count((str(path), False)) <= 3  # created, closed; not 200 writes
+
+
+@pytest.mark.parametrize("kind", ["polling"])
+def test_polling_still_sees_a_file_changed_in_place(root: Path, hints: Hints, kind: str) -> None:
+    # No close events when polling: a file rewritten in place shows only as "modified".
+    path = write(root / "cat" / "old.jpg", b"first")
+    with Watcher([root], hints, kind=kind, polling_interval=0.05):
+        time.sleep(0.2)  # a first snapshot that holds the old file
+        hints.seen.clear()
+        while not hints.queue.empty():
+            hints.queue.get_nowait()
+        write(path, b"second, longer")
+        hints.wait_for(path, timeout=5.0)
+
+
 def test_a_failing_sink_does_not_kill_the_observer(
     root: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
