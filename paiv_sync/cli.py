@@ -306,10 +306,19 @@ class _ClearProgress(logging.Filter):
         return True
 
 
+# The service's threads (watcher, pipeline, upload workers) mostly wait on the disk, the network
+# and each other; each time one comes back from a wait it needs the interpreter lock, which the
+# one running may keep for up to the switch interval (5 ms by default). With 1 ms, watch-mode
+# ingest went from 0.63-0.68x to 0.81-0.82x of the bare upload loop in bench/run.py --only 1
+# (BENCHMARKS.md, round 3); --once moved within its noise.
+SWITCH_INTERVAL = 0.001
+
+
 def _run(config: Config, *, once: bool, health_port: int | None = None) -> int:
     from paiv_sync.sdnotify import Notifier
     from paiv_sync.service import Service
 
+    sys.setswitchinterval(SWITCH_INTERVAL)
     notifier = Notifier()
     progress: ProgressLine | None = None
     handlers: list[logging.Handler] = []
