@@ -178,6 +178,7 @@ class Outcome:
 
     row: FileRow
     new: bool  # a new file, or new content at a known path
+    previous: FileRow | None = None  # the row before, when new content replaced it
 
 
 _FILE_COLUMNS = (
@@ -715,7 +716,7 @@ class Ledger:
                 known[key] = row
                 if state in _HELD_STATES:
                     holders.setdefault((item.category, item.sha256), set()).add(key)
-                outcomes.append(Outcome(row, new=True))
+                outcomes.append(Outcome(row, new=True, previous=old))
             self._insert_rows(db, inserts, now)
         return outcomes
 

@@ -199,6 +199,7 @@ class Service:
         self._progress_hook = progress if once else None
         self._progress_lock = threading.Lock()
         self._progress_counts = [0, 0, 0, 0]  # files done, files total, bytes done, bytes total
+        self._progress_shown: tuple[int, ...] = ()  # the counts of the last report
         self._progress_started: float | None = None
 
     # -- public --------------------------------------------------------------------------
@@ -564,6 +565,7 @@ class Service:
         row = self.ledger.lookup(root, rel)
         if row is not None and row.state == states.PENDING and self.ledger.forget(row.id):
             self._pending_dirty = True
+            self._nothing_to_send(row.size)  # it was counted as a pending row
             log.warning("%s was deleted before upload; forgotten", rel)
 
     # -- admitting settled files ---------------------------------------------------------
@@ -583,6 +585,8 @@ class Service:
                 where = self.layout.locate(settled.path)
                 if isinstance(where, Location):
                     located.append((settled, where))
+                else:
+                    self._nothing_to_send(settled.size)
             known = self.ledger.known_stats((str(w.root), w.rel_path) for _, w in located)
             for settled, where in located:
                 if self.stop_event.is_set():
@@ -591,7 +595,9 @@ class Service:
                     settled.size,
                     settled.mtime_ns,
                 ):
-                    continue  # recorded as it is (an event for a file the scan had seen)
+                    # Recorded as it is (an event for a file the scan had seen).
+                    self._nothing_to_send(settled.size)
+                    continue
                 found = self._inspect(settled, where)
                 if found is not None:
                     checked.append(found)
@@ -599,8 +605,9 @@ class Service:
             self._collect_uploads()
             self._dispatch(force=self.once)
 
-    def _gone(self, path: str) -> None:
-        where = self.layout.locate(Path(path))
+    def _gone(self, gone: Settled) -> None:
+        self._nothing_to_send(gone.size)
+        where = self.layout.locate(gone.path)
         if isinstance(where, Location):
             self._forget(str(where.root), where.rel_path)
 
@@ -613,14 +620,18 @@ class Service:
             seen = inspect_image(settled.path, self.config.max_file_size)
             st = os.stat(settled.path)  # by path: a file replaced meanwhile shows here
         except FileNotFoundError:
+            self._nothing_to_send(settled.size)
             self._forget(root, rel)
             return None
         except OSError as exc:
+            self._nothing_to_send(settled.size)
             log.warning(
                 "%s cannot be read (%s); will try again at the next scan", rel, exc.strerror or exc
             )
             return None
         if (st.st_size, st.st_mtime_ns) != (settled.size, settled.mtime_ns):
+            # Still being written: back to the gate, still to be sent (the size counted for
+            # progress is the one seen first; a file growing meanwhile makes the bytes a guess).
             self.gate.offer(settled.path, st.st_size, st.st_mtime_ns)
             return None
         return _Checked(where, settled, seen)
@@ -644,6 +655,7 @@ class Service:
                     reason=found.seen.problem,
                 )
                 self.summary.rejected += 1
+                self._nothing_to_send(settled.size)
                 log.warning("%s not uploaded: %s", where.rel_path, found.seen.problem)
             counts = self._pending_counts()  # before the new rows, so the +1 below is right
             outcomes = self.ledger.record_many(
@@ -664,16 +676,22 @@ class Service:
         for found, outcome in zip(images, outcomes, strict=True):
             if outcome.new:
                 self._added(found, outcome, counts)
+            else:
+                self._nothing_to_send(found.settled.size)
 
     def _added(self, found: _Checked, outcome: Outcome, counts: dict[str, int]) -> None:
         """Count and log one file the ledger took as new."""
         rel, category = found.where.rel_path, found.where.category
+        previous = outcome.previous
+        if previous is not None and previous.state == states.PENDING:
+            # Counted for progress twice, as a pending row and as a file to look at: once now.
+            self._nothing_to_send(previous.size)
         if outcome.row.state == states.DUPLICATE:
             self.summary.duplicates += 1
+            self._nothing_to_send(found.settled.size)
             log.info("%s not uploaded: %s (skip_duplicates)", rel, outcome.row.reason)
             return
         self.summary.added += 1
-        self._progress_add(total=(1, found.settled.size))
         self.debouncer.arrived(category)
         counts[category] = counts.get(category, 0) + 1
         count = counts[category]
@@ -1031,13 +1049,24 @@ class Service:
             return
         self.summary.uploaded += report.uploaded
         self.summary.rejected += report.rejected
-        self._progress_add(done=(report.uploaded + report.rejected, report.settled_bytes))
+        self._progress_add(
+            done=(report.uploaded + report.rejected, report.settled_bytes),
+            total=(-report.forgotten, -report.forgotten_bytes),
+        )
         if report.uploaded:
             self.last_upload_time = time.time()
             self._trainer_wake.set()
 
+    def _nothing_to_send(self, size: int) -> None:
+        """A file counted for ``--once`` progress turned out to need no upload."""
+        self._progress_add(total=(-1, -size))
+
     def _progress_add(
-        self, *, done: tuple[int, int] = (0, 0), total: tuple[int, int] = (0, 0)
+        self,
+        *,
+        done: tuple[int, int] = (0, 0),
+        total: tuple[int, int] = (0, 0),
+        report: bool = False,
     ) -> None:
         """Count files (and bytes) done or newly to do; tell the progress hook when done moved.
 
@@ -1056,8 +1085,9 @@ class Service:
             snapshot = Progress(
                 counts[0], counts[1], counts[2], counts[3], self._clock() - self._progress_started
             )
-            if not done[0]:
+            if not done[0] and not (report and tuple(counts) != self._progress_shown):
                 return
+            self._progress_shown = tuple(counts)
             try:
                 # Under the lock: reports reach the hook in order, never with a count going back.
                 hook(snapshot)
@@ -1103,9 +1133,13 @@ class Service:
         if not self._ensure_connected():
             return 1
         if self._progress_hook is not None:
+            # Everything there may be to send, known now, so the rate and ETA hold from the
+            # start: pending rows, and the files the scan found new or changed. A file looked
+            # at that needs no upload (unchanged, a duplicate, not an image, gone) drops out.
             files, size = self.ledger.pending_totals()
+            candidates, candidate_bytes = self.gate.totals()
             self._progress_started = self._clock()
-            self._progress_add(total=(files, size))
+            self._progress_add(total=(files + candidates, size + candidate_bytes))
         while len(self.gate) and not self.stop_event.is_set():
             due = self.gate.next_due()
             if due is not None:
@@ -1116,6 +1150,7 @@ class Service:
         self._wait_uploads()
         self._dispatch(force=True)
         self._wait_uploads()
+        self._progress_add(report=True)  # the final counts, after the last files dropped out
         if self._lost.is_set():
             log.error("uploads stopped before everything was sent; see the errors above")
         before = self.ledger.last_training()

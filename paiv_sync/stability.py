@@ -87,8 +87,15 @@ class StabilityGate:
         """The clock time of the next check, or None when nothing is watched."""
         return self._heap[0][0] if self._heap else None
 
-    def due(self, on_gone: Callable[[str], None] | None = None) -> list[Settled]:
-        """Look at every path whose check time has come; return those that settled."""
+    def totals(self) -> tuple[int, int]:
+        """``(paths watched, their total size in bytes as last seen)``."""
+        return len(self._watches), sum(w.size for w in self._watches.values())
+
+    def due(self, on_gone: Callable[[Settled], None] | None = None) -> list[Settled]:
+        """Look at every path whose check time has come; return those that settled.
+
+        A path that vanished is dropped and given to ``on_gone`` with its last seen stat.
+        """
         now = self._clock()
         settled: list[Settled] = []
         while self._heap and self._heap[0][0] <= now:
@@ -101,7 +108,7 @@ class StabilityGate:
             except OSError:
                 del self._watches[path]
                 if on_gone is not None:
-                    on_gone(path)
+                    on_gone(Settled(path, watch.size, watch.mtime_ns))
                 continue
             if (st.st_size, st.st_mtime_ns) != (watch.size, watch.mtime_ns):
                 watch.size, watch.mtime_ns, watch.since = st.st_size, st.st_mtime_ns, now

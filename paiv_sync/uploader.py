@@ -65,6 +65,8 @@ class BatchReport:
     returned: int = 0  # went back to pending (deleted, changed, or not sent at shutdown)
     in_doubt: int = 0  # left ``uploading``: resolved against the server at the next start
     settled_bytes: int = 0  # size of the files uploaded or rejected (for progress reports)
+    forgotten: int = 0  # deleted before upload: dropped from the ledger (also in ``returned``)
+    forgotten_bytes: int = 0
     names: list[str] = field(default_factory=list)
 
 
@@ -305,6 +307,8 @@ class Uploader:
                 self.ledger.forget(row.id)
                 log.warning("%s was deleted before upload; forgotten", row.rel_path)
                 report.returned += 1
+                report.forgotten += 1
+                report.forgotten_bytes += row.size
                 continue
             except OSError as exc:
                 self.ledger.mark_pending([row.id], reason=f"unreadable: {exc.strerror}")

@@ -73,6 +73,60 @@ def test_pending_rows_of_an_earlier_run_count(emulator: Emulator, tmp_path: Path
     assert reports[-1].bytes_done == reports[-1].bytes_total == sum(first) + added
 
 
+def test_the_total_is_known_at_the_start_and_files_that_need_no_upload_leave_it(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    root = tmp_path / "images"
+    sizes = [_write(root / "forest" / f"f{i:02d}.png", seed=i, size=8 + i) for i in range(12)]
+    twin = root / "forest" / "copy.png"  # the same image as f00: a duplicate
+    twin.write_bytes((root / "forest" / "f00.png").read_bytes())
+    (root / "city").mkdir()
+    (root / "city" / "notes.png").write_text("not a picture")  # rejected
+    victims = [root / "forest" / "f10.png", root / "forest" / "f11.png"]
+    config = config_for(emulator, root, batch_size=2, upload_workers=1)
+    reports: list[Progress] = []
+
+    def delete_late_files(progress: Progress) -> None:
+        # Deleted once the run is under way: before their turn to be sent.
+        if not reports:
+            for victim in victims:
+                victim.unlink()
+        reports.append(progress)
+
+    service = Service(config, once=True, retry=FAST_RETRY, progress=delete_late_files)
+    assert service.run() == 1  # 1: a file was rejected
+    sent = len(sizes) - len(victims)
+    assert server_count(emulator) == sent
+    # The first report already knows every file there may be to send (14 looked at, at most),
+    # and the total only ever drops: a duplicate, a text file, two deleted files drop out.
+    assert sent <= reports[0].files_total <= 14
+    totals = [r.files_total for r in reports]
+    assert totals == sorted(totals, reverse=True)
+    last = reports[-1]
+    assert (last.files_done, last.files_total) == (sent, sent)
+    assert last.bytes_done == last.bytes_total == sum(sizes[:-2])
+
+
+def test_a_pending_file_changed_since_counts_once(emulator: Emulator, tmp_path: Path) -> None:
+    root = tmp_path / "images"
+    for i in range(3):
+        _write(root / "sea" / f"s{i}.png", seed=i)
+    waiting = config_for(emulator, root, skip_duplicates=0, threshold={"upload": 100})
+    with running(waiting) as runner:
+        ledger = runner.service.ledger
+        assert ledger is not None
+        wait_until(lambda: ledger.pending_counts().get("sea") == 3, timeout=10)
+    changed = _write(root / "sea" / "s0.png", seed=99, size=20)  # pending, and now different
+    reports: list[Progress] = []
+    config = config_for(emulator, root, skip_duplicates=0)
+
+    assert Service(config, once=True, retry=FAST_RETRY, progress=reports.append).run() == 0
+    assert server_count(emulator) == 3
+    assert reports[-1].files_done == reports[-1].files_total == 3
+    others = sum((root / "sea" / f"s{i}.png").stat().st_size for i in (1, 2))
+    assert reports[-1].bytes_done == reports[-1].bytes_total == changed + others
+
+
 def test_a_failing_display_does_not_stop_the_uploads(emulator: Emulator, tmp_path: Path) -> None:
     root = tmp_path / "images"
     for i in range(5):

@@ -59,11 +59,14 @@ def test_growing_file_waits_until_it_stops() -> None:
 
 def test_vanished_file_is_reported_gone() -> None:
     gate, _fs, clock = make()
-    gone: list[str] = []
+    gone: list[Settled] = []
     gate.offer("a", 1, 1)
+    gate.offer("b", 7, 2)
+    assert gate.totals() == (2, 8)
     clock.now = 3
-    assert gate.due(on_gone=gone.append) == []
-    assert gone == ["a"] and "a" not in gate
+    _fs.files["b"] = (7, 2)
+    assert gate.due(on_gone=gone.append) == [Settled("b", 7, 2)]
+    assert gone == [Settled("a", 1, 1)] and "a" not in gate
 
 
 def test_repeated_offers_do_not_restart_the_clock() -> None:
