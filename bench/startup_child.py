@@ -18,6 +18,7 @@ from typing import Any
 
 import paiv_sync.service as service_module
 from bench.common import proc_memory, self_cpu_seconds
+from paiv_sync.cli import SWITCH_INTERVAL
 from paiv_sync.config import parse_config
 from paiv_sync.service import Service
 
@@ -29,6 +30,7 @@ def main() -> int:
     parser.add_argument("--settle", type=float, default=2.0, help="seconds to watch after READY")
     args = parser.parse_args()
     config = parse_config(json.loads(args.config.read_text()), source=None, env={})
+    sys.setswitchinterval(SWITCH_INTERVAL)  # as `paiv-sync` runs the service
     hashed: list[str] = []
     real_inspect = service_module.inspect_image  # type: ignore[attr-defined]
 
