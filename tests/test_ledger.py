@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -304,3 +305,31 @@ def test_ledger_leaves_no_file_open_after_close(tmp_path: Path) -> None:
             led.set_meta("k", "v")  # a durable commit: syncs the log
             led.sync()
     assert len(list(fd_dir.iterdir())) == before
+
+
+def test_a_durable_commit_waits_for_the_disk_without_holding_the_ledger(tmp_path: Path) -> None:
+    syncing, disk_done = threading.Event(), threading.Event()
+
+    class SlowDisk(Ledger):
+        slow = False
+
+        def sync(self) -> None:
+            if self.slow:
+                syncing.set()
+                assert disk_done.wait(10)
+            super().sync()
+
+    with SlowDisk(tmp_path / "ledger.sqlite3") as led:
+        a = record(led, "forest/a.png", "h1").row
+        led.slow = True
+        started = threading.Thread(target=led.begin_batch, args=("forest", "ds", [a.id]))
+        started.start()
+        assert syncing.wait(10)  # begin_batch committed and now waits for the disk ...
+        other = threading.Thread(target=record, args=(led, "forest/b.png", "h2"))
+        other.start()
+        other.join(5)
+        assert not other.is_alive()  # ... while another thread goes on with the ledger
+        assert started.is_alive()  # and the batch is not reported begun before the sync
+        disk_done.set()
+        started.join(10)
+        assert led.lookup("/r", "forest/a.png").state == L.UPLOADING  # type: ignore[union-attr]
