@@ -949,9 +949,15 @@ class Ledger:
         return [FileRow(*r) for r in rows]
 
     def mark_uploaded(
-        self, results: Iterable[tuple[int, str | None]], *, durable: bool = True
+        self,
+        results: Iterable[tuple[int, str | None]],
+        *,
+        durable: bool = True,
+        finish_batch: int | None = None,
     ) -> int:
         """Rows the server confirmed: ``(file id, server file id or None)``; return how many.
+
+        ``finish_batch`` closes that batch as ``done`` in the same commit (its last rows).
 
         Each counts as a new upload (towards training), except rows recorded while the
         ledger was rebuilt: those were in the dataset before. With ``durable=False`` the
@@ -1000,6 +1006,11 @@ class Ledger:
                 "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                 (str(total + changed - recovered),),
             )
+            if finish_batch is not None:
+                db.execute(
+                    "UPDATE batches SET finished = ?, outcome = 'done' WHERE id = ?",
+                    (now, finish_batch),
+                )
         return changed
 
     def sync(self) -> None:

@@ -67,6 +67,7 @@ class BatchReport:
     settled_bytes: int = 0  # size of the files uploaded or rejected (for progress reports)
     forgotten: int = 0  # deleted before upload: dropped from the ledger (also in ``returned``)
     forgotten_bytes: int = 0
+    closed: bool = False  # the batch was closed with its last files' commit
     names: list[str] = field(default_factory=list)
 
 
@@ -138,7 +139,8 @@ class Uploader:
         finally:
             with self._active_lock:
                 self._active_batches.discard(batch_id)
-        self.ledger.finish_batch(batch_id, "done" if not report.in_doubt else "in doubt")
+        if not report.closed:
+            self.ledger.finish_batch(batch_id, "done" if not report.in_doubt else "in doubt")
         if report.uploaded:
             log.info(
                 "uploaded %d file%s to category %r of dataset %s",
@@ -276,7 +278,9 @@ class Uploader:
                 )
                 self._backoff(attempt)
                 continue
-            if self._settle_results(sending, results, report, file_failures) and (sending is rows):
+            if self._settle_results(
+                sending, results, report, file_failures, batch_id if sending is rows else None
+            ):
                 return  # every row of the batch is settled: nothing left to read back
 
     def _ensure_category(self, dataset_id: str, category: str) -> str | None:
@@ -329,8 +333,13 @@ class Uploader:
         results: Sequence[FileResult],
         report: BatchReport,
         file_failures: Counter[int],
+        batch_id: int | None = None,
     ) -> bool:
-        """Record the server's verdict on ``rows``; True when every one of them is settled."""
+        """Record the server's verdict on ``rows``; True when every one of them is settled.
+
+        ``batch_id`` when ``rows`` are all the batch has left: once all of them are uploaded,
+        the batch is closed in the same commit.
+        """
         uploaded: list[tuple[int, str | None]] = []
         rejected: list[tuple[int, str]] = []
         by_name: dict[str, list[FileResult]] = {}
@@ -369,8 +378,10 @@ class Uploader:
         # durable commit (the next batch's begin_batch, or the service's sync when uploads go
         # quiet) carries it to disk; a power cut before that leaves these rows in doubt, which
         # the next start resolves against the dataset's list rather than sending them again.
-        marked = self.ledger.mark_uploaded(uploaded, durable=False)
+        closing = batch_id if len(uploaded) == len(rows) else None
+        marked = self.ledger.mark_uploaded(uploaded, durable=False, finish_batch=closing)
         report.uploaded += marked
+        report.closed = closing is not None and marked == len(uploaded)
         if rejected:
             self.ledger.mark_rejected(rejected)
             report.rejected += len(rejected)

@@ -333,3 +333,16 @@ def test_a_durable_commit_waits_for_the_disk_without_holding_the_ledger(tmp_path
         disk_done.set()
         started.join(10)
         assert led.lookup("/r", "forest/a.png").state == L.UPLOADING  # type: ignore[union-attr]
+
+
+def test_the_last_rows_of_a_batch_close_it_in_the_same_commit(led: Ledger) -> None:
+    a = record(led, "forest/a.png", "h1").row
+    batch = led.begin_batch("forest", "ds", [a.id])
+    assert led._query("SELECT finished, outcome FROM batches WHERE id = ?", (batch,)) == [
+        (None, None)
+    ]
+    assert led.mark_uploaded([(a.id, "s1")], durable=False, finish_batch=batch) == 1
+    finished, outcome = led._query("SELECT finished, outcome FROM batches WHERE id = ?", (batch,))[
+        0
+    ]
+    assert finished is not None and outcome == "done"

@@ -40,6 +40,10 @@ def test_images_in_three_categories_arrive_exactly_once(emulator: Emulator, root
     assert emulator.state()["duplicates"] == []
     uploads = emulator.state()["requests"].get("POST /datasets/{id}/files", 0)
     assert uploads <= 6, "files should travel in batches, not one POST each"
+    with Ledger(config.ledger_path) as ledger:
+        outcomes = ledger._query("SELECT outcome FROM batches WHERE finished IS NOT NULL")
+        assert outcomes and {o for (o,) in outcomes} == {"done"}  # every batch closed
+        assert ledger._query("SELECT COUNT(*) FROM batches WHERE finished IS NULL") == [(0,)]
 
 
 def test_below_threshold_stays_pending_and_status_reports_it(
