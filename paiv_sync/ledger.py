@@ -208,6 +208,16 @@ def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
         yield items[start : start + size]
 
 
+def _by_root(keys: Iterable[tuple[str, str]]) -> Iterator[tuple[str, Sequence[str]]]:
+    """``(root, rel_path)`` keys as ``(root, rel_paths)`` in chunks one statement can take."""
+    by_root: dict[str, list[str]] = {}
+    for root, rel_path in keys:
+        by_root.setdefault(root, []).append(rel_path)
+    for root, rel_paths in by_root.items():
+        for chunk in _chunks(rel_paths, _MAX_PARAMS):
+            yield root, chunk
+
+
 @dataclass(frozen=True)
 class NewFile:
     """A complete, hashed file for :meth:`Ledger.record_many`."""
@@ -521,19 +531,15 @@ class Ledger:
         One hold of the ledger and one statement per root (per few hundred paths) for the lot,
         instead of one :meth:`lookup` each.
         """
-        by_root: dict[str, list[str]] = {}
-        for root, rel_path in paths:
-            by_root.setdefault(root, []).append(rel_path)
         found: dict[tuple[str, str], tuple[int, int]] = {}
         with self._lock:
-            for root, rel_paths in by_root.items():
-                for chunk in _chunks(rel_paths, _MAX_PARAMS):
-                    for rel_path, size, mtime_ns in self._db.execute(
-                        "SELECT rel_path, size, mtime_ns FROM files "
-                        f"WHERE root = ? AND rel_path IN ({_marks(len(chunk))})",
-                        (root, *chunk),
-                    ):
-                        found[(root, rel_path)] = (int(size), int(mtime_ns))
+            for root, chunk in _by_root(paths):
+                for rel_path, size, mtime_ns in self._db.execute(
+                    "SELECT rel_path, size, mtime_ns FROM files "
+                    f"WHERE root = ? AND rel_path IN ({_marks(len(chunk))})",
+                    (root, *chunk),
+                ):
+                    found[(root, rel_path)] = (int(size), int(mtime_ns))
         return found
 
     def get(self, file_id: int) -> FileRow | None:
@@ -559,16 +565,6 @@ class Ledger:
             if len(rows) < page:
                 return
             after = rows[-1][0]
-
-    def stats_under(self, root: str) -> dict[str, tuple[int, int, str]]:
-        """``rel_path -> (size, mtime_ns, state)`` for every row under ``root``.
-
-        Used by the start-up scan to skip unchanged files without a query per file.
-        """
-        rows = self._query(
-            "SELECT rel_path, size, mtime_ns, state FROM files WHERE root = ?", (root,)
-        )
-        return {r[0]: (r[1], r[2], r[3]) for r in rows}
 
     def record(
         self,
@@ -725,19 +721,15 @@ class Ledger:
         db: sqlite3.Connection, keys: Sequence[tuple[str, str]]
     ) -> dict[tuple[str, str], FileRow]:
         """The rows at ``(root, rel_path)`` keys, those that exist."""
-        by_root: dict[str, list[str]] = {}
-        for root, rel_path in keys:
-            by_root.setdefault(root, []).append(rel_path)
         found: dict[tuple[str, str], FileRow] = {}
-        for root, rel_paths in by_root.items():
-            for chunk in _chunks(rel_paths, _MAX_PARAMS):
-                for raw in db.execute(
-                    f"SELECT {_FILE_COLUMNS} FROM files "
-                    f"WHERE root = ? AND rel_path IN ({_marks(len(chunk))})",
-                    (root, *chunk),
-                ):
-                    row = FileRow(*raw)
-                    found[(row.root, row.rel_path)] = row
+        for root, chunk in _by_root(keys):
+            for raw in db.execute(
+                f"SELECT {_FILE_COLUMNS} FROM files "
+                f"WHERE root = ? AND rel_path IN ({_marks(len(chunk))})",
+                (root, *chunk),
+            ):
+                row = FileRow(*raw)
+                found[(row.root, row.rel_path)] = row
         return found
 
     @staticmethod
@@ -829,10 +821,6 @@ class Ledger:
                 (root, rel_path),
             ).fetchone()
         return FileRow(*row)
-
-    def _get_locked(self, file_id: int) -> FileRow:
-        row = self._db.execute(f"SELECT {_FILE_COLUMNS} FROM files WHERE id = ?", (file_id,))
-        return FileRow(*row.fetchone())
 
     def forget(self, file_id: int) -> bool:
         """Drop a row that never reached the server (its file was deleted); True if dropped."""

@@ -137,7 +137,7 @@ def test_state_survives_reopen(tmp_path: Path) -> None:
     with Ledger(path) as led:
         assert [r.rel_path for r in led.in_doubt()] == ["forest/a.png"]
         assert led.get_meta("dataset_id") == "ds"
-        assert led.stats_under("/r") == {"forest/a.png": (10, 1, L.UPLOADING)}
+        assert list(led.iter_stats("/r")) == [("forest/a.png", 10, 1, L.UPLOADING)]
 
 
 def test_reset_for_new_dataset(led: Ledger) -> None:
