@@ -16,7 +16,9 @@ new login). Passwords, tokens and API keys never appear in a log line or an exce
 
 from __future__ import annotations
 
+import datetime
 import email.utils
+import json
 import logging
 import os
 import threading
@@ -42,14 +44,18 @@ from paiv_sync.retry import RetryPolicy, build_retrying, is_retryable
 __all__ = [
     "AmbiguousError",
     "AuthError",
+    "DatasetLocked",
     "FileResult",
     "MviClient",
     "MviError",
     "NotFoundError",
+    "NotSupportedError",
     "RequestError",
     "TlsError",
     "TransientError",
     "UploadPart",
+    "as_int",
+    "epoch_seconds",
     "wire_name",
 ]
 
@@ -116,6 +122,14 @@ class AmbiguousError(TransientError):
     """
 
 
+class DatasetLocked(TransientError):
+    """The server refused to change a dataset that a training holds locked (409/423).
+
+    Nothing was stored, so sending again is safe; it is not retried inside the client, as a
+    training can hold the lock for a long time: the caller waits (and shows it is alive).
+    """
+
+
 class AuthError(MviError):
     """Bad credentials, a revoked API key, or a 401 that survived a fresh login."""
 
@@ -126,6 +140,10 @@ class NotFoundError(MviError):
 
 class RequestError(MviError):
     """The server refused the request for good (4xx, or ``"result": "fail"`` in a 200)."""
+
+
+class NotSupportedError(RequestError):
+    """The server has no such route (a generic 404, or 501): an older or newer API."""
 
 
 class TlsError(MviError):
@@ -322,6 +340,40 @@ def wire_name(name: str) -> str:
     return name.translate(_UNSAFE_NAME_CHARS)
 
 
+def as_int(value: object, default: int = -1) -> int:
+    """A count or size the server sent as a number or as a string ("2048"); ``default`` when
+    it is neither."""
+    if isinstance(value, bool):
+        return default
+    if isinstance(value, int):
+        return value
+    try:
+        return int(str(value).strip())
+    except ValueError:
+        return default
+
+
+def epoch_seconds(value: object) -> float | None:
+    """A time stamp the server sent as epoch milliseconds (files on the product), epoch
+    seconds, or ISO 8601 text; None when it is none of these."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, (int, float)) or (isinstance(value, str) and value.strip().isdigit()):
+        number = float(value)
+        # Epoch milliseconds pass 1e11 in 1973; epoch seconds will not before the year 5138.
+        return number / 1000.0 if number > 1e11 else number
+    if isinstance(value, str):
+        text = value.strip().replace("Z", "+00:00")
+        try:
+            moment = datetime.datetime.fromisoformat(text)
+        except ValueError:
+            return None
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=datetime.timezone.utc)
+        return moment.timestamp()
+    return None
+
+
 def _strip_userinfo(url: str) -> str:
     """Return ``url`` without any ``user:password@`` part, for messages."""
     parts = urlsplit(url)
@@ -392,6 +444,25 @@ def _fault_of(body: object) -> str | None:
         if isinstance(fault, str) and fault:
             return fault
     return None
+
+
+# What the product says of an object that does not exist [client: IBM's CLI tests].
+_MISSING_TEXTS = ("could not find", "unknown ", "does not exist", "not found:")
+_GENERIC_404 = "http 404 not found"
+
+
+def _object_missing(body: object, fault: str | None, missing: str | None) -> bool:
+    """Whether a 404 says the object asked for is gone (rather than the route unknown).
+
+    The product names the object ("Could not find dataset …", "Unknown dataset"); its generic
+    404 body ("HTTP 404 Not Found") is what any unknown path gets, and is taken for a missing
+    object only on a path that names one (``missing``).
+    """
+    text = (fault or "").strip().lower()
+    if text and text != _GENERIC_404:
+        return any(marker in text for marker in _MISSING_TEXTS)
+    is_not_found = isinstance(body, Mapping) and body.get("type") == "NotFoundException"
+    return is_not_found and missing is not None
 
 
 def _list_of_dicts(body: object, what: str, where: str) -> list[dict[str, Any]]:
@@ -629,6 +700,7 @@ class MviClient:
         make_body: Callable[[], _MultipartBody] | None = None,
         idempotent: bool,
         missing: str | None = None,
+        result_list: bool = False,
     ) -> Any:
         """Send one request and return its decoded JSON answer.
 
@@ -674,7 +746,14 @@ class MviClient:
         _log.debug(
             "%s %s -> %d in %.3f s", method, path, response.status_code, time.monotonic() - started
         )
-        return self._decode(response, method, path, idempotent=idempotent, missing=missing)
+        return self._decode(
+            response,
+            method,
+            path,
+            idempotent=idempotent,
+            missing=missing,
+            result_list=result_list,
+        )
 
     def _network_error(
         self, exc: requests.exceptions.RequestException, method: str, path: str, idempotent: bool
@@ -745,9 +824,14 @@ class MviClient:
         *,
         idempotent: bool,
         missing: str | None,
+        result_list: bool = False,
     ) -> Any:
         """Check status and body of an answer; return the decoded JSON.
 
+        With ``result_list`` (uploads), an answer of any status but 401 whose body carries a
+        ``resultList`` is returned as it is: the product answers a request in which some files
+        failed with a 4xx and ``result: fail``, yet stores the others [client], so each file's
+        fate is read from the list, never from the status.
         Raises the MviError subclass that fits the status and body (see ``_request_once``).
         """
         status = response.status_code
@@ -756,6 +840,13 @@ class MviClient:
             is_json = True
         except ValueError:
             body, is_json = None, False
+        if (
+            result_list
+            and status != 401
+            and isinstance(body, Mapping)
+            and isinstance(body.get("resultList"), list)
+        ):
+            return body
         fault = _fault_of(body)
         call = f"{method} {path}"
         where = self._where
@@ -789,13 +880,29 @@ class MviClient:
                 status=401,
                 fault=fault,
             )
-        if status == 404 and isinstance(body, Mapping) and body.get("type") == "NotFoundException":
+        if status == 404 and _object_missing(body, fault, missing):
             subject = missing or "the requested object"
             raise NotFoundError(
                 f"{subject} does not exist on the server at {where} "
-                f"(HTTP 404 on {call}); was it deleted?",
+                f"(HTTP 404 on {call}{said}); was it deleted?",
                 status=404,
                 fault=fault,
+            )
+        if status == 404 or status == 501:
+            raise NotSupportedError(
+                f"the server at {where} has no {call} (HTTP {status}{said}); is the endpoint the "
+                "API's base URL (e.g. https://host/powerai-vision/api), and is this an MVI / "
+                "PowerAI Vision version that offers it?",
+                status=status,
+                fault=fault,
+            )
+        if status == 423 or (status == 409 and "lock" in (fault or "").lower()):
+            raise DatasetLocked(
+                f"the server at {where} refused {call} while the dataset is locked "
+                f"(HTTP {status}{said}); a training is probably running",
+                status=status,
+                fault=fault,
+                reason="dataset locked",
             )
         retry_after = _retry_after(response.headers.get("Retry-After"))
         if status == 429:
@@ -828,8 +935,6 @@ class MviClient:
             )
         if status == 413:
             hint = "; upload fewer files per request (lower the batch size)"
-        elif status == 404:
-            hint = "; is the endpoint the API's base URL (e.g. https://host/powerai-vision/api)?"
         elif status == 403:
             hint = "; does this user have the right to do this?"
         else:
@@ -849,6 +954,7 @@ class MviClient:
         json: object = None,
         make_body: Callable[[], _MultipartBody] | None = None,
         missing: str | None = None,
+        result_list: bool = False,
     ) -> Any:
         """Send one request with the current token; after a 401, log in again once and resend.
 
@@ -867,6 +973,7 @@ class MviClient:
                 make_body=make_body,
                 idempotent=idempotent,
                 missing=missing,
+                result_list=result_list,
             )
 
         token = self._current_token()
@@ -1006,30 +1113,43 @@ class MviClient:
         *,
         category_name: str,
         category_id: str | None,
+        metadata: Mapping[str, str] | None = None,
     ) -> list[FileResult]:
         """Upload ``parts`` into dataset ``dataset_id`` under a category, in ONE request.
 
-        Returns one FileResult per part, in the order of ``parts``. The request is sent
-        again only when it surely was not processed (connection never established, 429,
-        401 followed by a new login).
+        ``metadata`` is sent as the ``user-metadata`` field: the server attaches it to every
+        file of the request (servers that do not know the field ignore it).
+        Returns one FileResult per part, in the order of ``parts``, read from the answer's
+        ``resultList`` whatever its status. The request is sent again only when it surely was
+        not processed (connection never established, 429, 401 followed by a new login).
         Raises AmbiguousError when the server may have stored the files (compare with
         ``list_files`` before sending them again), NotFoundError when the dataset is gone,
-        RequestError when the server refused the whole request, other MviErrors as in the
-        module docstring, and OSError when a file cannot be read or changes while sent.
+        RequestError when the server refused the whole request without a per-file list,
+        DatasetLocked while a training holds the dataset (nothing stored; not retried here),
+        other MviErrors as in the module docstring, and OSError when a file cannot be read or
+        changes while sent.
         """
         if not parts:
             return []
-        fields = {"category_name": category_name}
+        # Form fields before the files, as IBM's library sends them.
+        fields: dict[str, str] = {}
+        if metadata:
+            fields["user-metadata"] = json.dumps(dict(metadata), sort_keys=True)
+        fields["category_name"] = category_name
         if category_id is not None:
             fields["category_id"] = category_id
         path = f"/datasets/{quote(dataset_id, safe='')}/files"
-        body = self._retrying(f"POST {path} ({len(parts)} files)", _is_safe_to_resend)(
+        body = self._retrying(
+            f"POST {path} ({len(parts)} files)",
+            lambda exc: _is_safe_to_resend(exc) and not isinstance(exc, DatasetLocked),
+        )(
             self._authorized,
             "POST",
             path,
             idempotent=False,
             make_body=lambda: _MultipartBody(fields, parts),
             missing=f"dataset {dataset_id}",
+            result_list=True,
         )
         results = self._file_results(parts, body, path)
         for result in results:
@@ -1096,19 +1216,24 @@ class MviClient:
         *,
         category_id: str | None = None,
         query: str | None = None,
+        sortby: str | None = None,
         limit: int | None = None,
         skip: int | None = None,
     ) -> list[dict[str, Any]]:
-        """Return files of dataset ``dataset_id``, optionally filtered and paged.
+        """Return files of dataset ``dataset_id``, optionally filtered, sorted and paged.
 
-        ``query`` matches part of the original file name. Raises NotFoundError when the
-        dataset does not exist, other MviErrors otherwise.
+        ``query`` is MVI's ``field op value`` terms (``original_file_name == "a.jpg"``,
+        ``metadata.key == "v"``); ``sortby`` a field, ``"field DESC"`` for descending (the
+        server's default order is newest first). Raises NotFoundError when the dataset does
+        not exist, other MviErrors otherwise.
         """
         params: dict[str, str | int] = {}
         if category_id is not None:
             params["category_id"] = category_id
         if query is not None:
             params["query"] = query
+        if sortby is not None:
+            params["sortby"] = sortby
         if limit is not None:
             params["limit"] = limit
         if skip is not None:
@@ -1121,30 +1246,61 @@ class MviClient:
         return _list_of_dicts(body, f"the files of dataset {dataset_id}", self._where)
 
     def iter_files(
-        self, dataset_id: str, *, category_id: str | None = None, page_size: int = 1000
+        self,
+        dataset_id: str,
+        *,
+        category_id: str | None = None,
+        query: str | None = None,
+        page_size: int = 1000,
     ) -> Iterator[dict[str, Any]]:
-        """Yield every file of dataset ``dataset_id`` (optionally one category), page by page.
+        """Yield every file of dataset ``dataset_id`` (optionally one category, or those that
+        match ``query``) once, page by page.
 
-        Files added or removed while paging may be seen twice or shifted; callers reconcile
-        by name and content, so a repeat is harmless. Raises as ``list_files``; MviError when
-        the server ignores ``skip`` (it would otherwise loop forever).
+        Pages are asked for oldest first (``sortby=created_at,_id``): files that arrive while
+        paging then land after the pages already read instead of shifting them, as they would
+        in the server's default newest-first order. A file seen twice all the same (a server
+        that ignores ``sortby``, files deleted meanwhile) is yielded once, by ``_id``.
+        Raises as ``list_files``; MviError when the server ignores ``skip`` (it would
+        otherwise loop forever).
         """
         if page_size < 1:
             raise ValueError(f"page_size must be >= 1, got {page_size}")
         skip = 0
-        previous_first: object = None
+        seen: set[object] = set()
+        previous: list[object] = []
+        repeated = False
         while True:
-            page = self.list_files(dataset_id, category_id=category_id, limit=page_size, skip=skip)
+            page = self.list_files(
+                dataset_id,
+                category_id=category_id,
+                query=query,
+                # Times are in milliseconds: files of one request share one; the id breaks ties,
+                # so that the order, hence the pages, cannot change between two requests.
+                sortby="created_at,_id",
+                limit=page_size,
+                skip=skip,
+            )
             if not page:
                 return
-            first = page[0].get("_id")
-            if skip and first is not None and first == previous_first:
-                raise MviError(
-                    f"the server at {self._where} ignores the skip parameter when listing files; "
-                    "cannot page through the dataset"
-                )
-            previous_first = first
-            yield from page
+            ids = [item.get("_id") for item in page]
+            if skip and ids == previous and None not in ids:
+                # The very page asked for before. Exactly a page of arrivals in between can do
+                # that on a server that ignores sortby; asking once more tells the two apart.
+                if repeated:
+                    raise MviError(
+                        f"the server at {self._where} ignores the skip parameter when listing "
+                        "files; cannot page through the dataset"
+                    )
+                repeated = True
+                continue
+            repeated = False
+            previous = ids
+            for item, file_id in zip(page, ids, strict=True):
+                if file_id is not None:
+                    if file_id in seen:
+                        continue
+                    seen.add(file_id)
+                yield item
             # A page longer than asked for means the server ignored limit and sent everything.
             if len(page) != page_size:
                 return
@@ -1193,6 +1349,15 @@ class MviClient:
         if not isinstance(body, dict):
             raise MviError(f"the server at {self._where} answered {missing} with a non-object")
         return body
+
+    def list_trained_models(self) -> list[dict[str, Any]]:
+        """Return the trained models (their ``_id`` is their training task's id).
+
+        Raises NotSupportedError on a server without ``/trained-models``, other MviErrors as
+        in the module docstring.
+        """
+        body = self._get("/trained-models")
+        return _list_of_dicts(body, "the list of trained models", self._where)
 
     def list_tasks(self, status: str | None = None) -> list[dict[str, Any]]:
         """Return the training tasks, only those in ``status`` when given.

@@ -192,9 +192,10 @@ def test_upload_list_and_page_files(emu: Emulator, client: MviClient, tmp_path: 
     listed = client.list_files(dataset)
     assert sorted(f["original_file_name"] for f in listed) == sorted(p.name for p in parts)
     assert len(client.list_files(dataset, category_id=forest)) == 5
-    assert [f["original_file_name"] for f in client.list_files(dataset, query="img3")] == [
-        "img3.png"
-    ]
+    assert [
+        f["original_file_name"]
+        for f in client.list_files(dataset, query='original_file_name == "img3.png"')
+    ] == ["img3.png"]
     assert len(client.list_files(dataset, limit=2, skip=4)) == 1
 
     pages_before = request_count(emu, "GET /datasets/{id}/files")

@@ -9,6 +9,9 @@ from dataclasses import dataclass, field, fields
 from typing import Any, TypeGuard
 
 TRAINING_OUTCOMES = ("trained", "failed")
+# What an upload into a dataset that a training holds locked gets [guess]: stored as usual, or
+# refused with one of these statuses (nothing stored).
+LOCKED_UPLOADS = ("accept", "409", "423")
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,20 @@ class EmulatorOptions:
     seconds, None for tokens that never expire. A training task stays ``training`` for
     ``training_seconds`` and then ends ``training_outcome`` (``trained`` or ``failed``).
 
+    How the product answers, where IBM's code shows it (the defaults), and the kinder answers
+    of our older emulator (options, for the tests that run both):
+
+    - ``upload_failure_status``: the status of an upload in which at least one file failed
+      (400 [client]); its body carries ``result: fail`` and the per-file ``resultList``, and the
+      files that succeeded ARE stored. 200 gives our older answer (success with the failures
+      inside the list).
+    - ``locked_uploads``: what an upload gets while a training holds its dataset ``locked``:
+      ``accept`` (stored as usual), ``409`` or ``423`` (refused, nothing stored) [guess].
+    - ``finishing_error_rate``: the share of ``GET /dltasks/{id}`` and ``…/status`` requests
+      answered 500 in the second after a task finished training [client: IBM's Java client].
+    - ``strict_tasks``: refuse a dltasks body without both ``usage: cic`` and ``action:
+      create``; by default either alone means classification (IBM's clients send both forms).
+
     Raises ValueError on an invalid value.
     """
 
@@ -126,6 +143,10 @@ class EmulatorOptions:
     training_seconds: float = 5.0
     training_outcome: str = "trained"
     faults: FaultOptions = field(default_factory=FaultOptions)
+    upload_failure_status: int = 400
+    locked_uploads: str = "accept"
+    finishing_error_rate: float = 0.1
+    strict_tasks: bool = False
 
     def __post_init__(self) -> None:
         # Frozen means frozen: a caller's dict must not change the options behind our back.
@@ -146,6 +167,11 @@ class EmulatorOptions:
         check_training_outcome(self.training_outcome)
         if not isinstance(self.faults, FaultOptions):
             raise ValueError("faults: must be a FaultOptions")
+        check_upload_failure_status(self.upload_failure_status)
+        check_locked_uploads(self.locked_uploads)
+        check_rate("finishing_error_rate", self.finishing_error_rate)
+        if not isinstance(self.strict_tasks, bool):
+            raise ValueError(f"strict_tasks: must be true or false, got {self.strict_tasks!r}")
 
     @property
     def api_key_mode(self) -> bool:
@@ -177,6 +203,40 @@ def check_training_outcome(value: object) -> None:
     """Raise ValueError unless ``value`` is ``trained`` or ``failed``."""
     if value not in TRAINING_OUTCOMES:
         raise ValueError(f"training_outcome: must be one of {TRAINING_OUTCOMES}, got {value!r}")
+
+
+def lenient(**changes: Any) -> EmulatorOptions:
+    """Options for the kinder server our older emulator was: failures inside a 200, no
+    transient 500 as a training ends, strict dltasks bodies. ``changes`` as for the class."""
+    settings: dict[str, Any] = {
+        "upload_failure_status": 200,
+        "finishing_error_rate": 0.0,
+        "strict_tasks": True,
+    }
+    settings.update(changes)
+    return EmulatorOptions(**settings)
+
+
+def check_upload_failure_status(value: object) -> None:
+    """Raise ValueError unless ``value`` is 200 or a 4xx/5xx status."""
+    if (
+        not isinstance(value, int)
+        or isinstance(value, bool)
+        or not (value == 200 or 400 <= value <= 599)
+    ):
+        raise ValueError(f"upload_failure_status: must be 200 or a 4xx/5xx status, got {value!r}")
+
+
+def check_locked_uploads(value: object) -> None:
+    """Raise ValueError unless ``value`` is one of LOCKED_UPLOADS."""
+    if value not in LOCKED_UPLOADS:
+        raise ValueError(f"locked_uploads: must be one of {LOCKED_UPLOADS}, got {value!r}")
+
+
+def check_rate(name: str, value: object) -> None:
+    """Raise ValueError unless ``value`` is a probability in [0, 1]."""
+    if not _is_number(value) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name}: must be a number between 0 and 1, got {value!r}")
 
 
 def _is_number(value: object) -> TypeGuard[float]:

@@ -30,13 +30,14 @@ from werkzeug.wsgi import LimitedStream
 from paiv_sync.emulator import tls
 from paiv_sync.emulator.faults import FaultInjector
 from paiv_sync.emulator.options import EmulatorOptions, FaultOptions
-from paiv_sync.emulator.state import (
+from paiv_sync.emulator.records import (
     ApiError,
-    EmulatorState,
     bad_request,
     fail_body,
     not_found,
+    not_implemented,
 )
+from paiv_sync.emulator.state import EmulatorState
 from paiv_sync.emulator.uploads import UploadError, parse_upload
 
 log = logging.getLogger(__name__)
@@ -109,22 +110,45 @@ class _App:
         # Set when the emulator stops, to cut injected latency short.
         self.stopping = threading.Event()
         s = self.state
+        d, f, c = "/datasets/{id}", "/datasets/{id}/files/{fid}", "/datasets/{id}/categories/{cid}"
         self.routes = (
             _Route("POST", "/tokens", lambda r, a: s.issue_token(_json(r)), needs_auth=False),
-            _Route("GET", "/datasets", lambda r, a: s.list_datasets()),
+            _Route("GET", "/datasets", lambda r, a: s.list_datasets(r.params)),
             _Route("POST", "/datasets", lambda r, a: s.create_dataset(_json(r))),
-            _Route("GET", "/datasets/{id}", lambda r, a: s.get_dataset(a["id"])),
-            _Route("GET", "/datasets/{id}/categories", lambda r, a: s.list_categories(a["id"])),
+            _Route("GET", d, lambda r, a: s.get_dataset(a["id"])),
+            _Route("DELETE", d, lambda r, a: s.api_delete_dataset(a["id"])),
+            _Route("GET", d + "/categories", lambda r, a: s.list_categories(a["id"], r.params)),
+            _Route("POST", d + "/categories", lambda r, a: s.create_category(a["id"], _json(r))),
+            _Route("GET", c, lambda r, a: s.get_category(a["id"], a["cid"])),
+            _Route("DELETE", c, lambda r, a: s.delete_category(a["id"], a["cid"])),
+            _Route(
+                "POST", c + "/action", lambda r, a: s.category_action(a["id"], a["cid"], _json(r))
+            ),
+            _Route("GET", d + "/files", lambda r, a: s.list_files(a["id"], r.params)),
+            _Route("POST", d + "/files", self._upload, is_upload=True),
+            _Route("GET", f, lambda r, a: s.get_file(a["id"], a["fid"])),
+            _Route("DELETE", f, lambda r, a: s.delete_file(a["id"], a["fid"])),
+            _Route(
+                "GET", f + "/user-metadata", lambda r, a: s.get_user_metadata(a["id"], a["fid"])
+            ),
             _Route(
                 "POST",
-                "/datasets/{id}/categories",
-                lambda r, a: s.create_category(a["id"], _json(r)),
+                f + "/user-metadata",
+                lambda r, a: s.add_user_metadata(a["id"], a["fid"], _json(r)),
             ),
-            _Route("GET", "/datasets/{id}/files", lambda r, a: s.list_files(a["id"], r.params)),
-            _Route("POST", "/datasets/{id}/files", self._upload, is_upload=True),
+            _Route(
+                "DELETE",
+                f + "/user-metadata",
+                lambda r, a: s.delete_user_metadata(a["id"], a["fid"], _json(r)),
+            ),
             _Route("GET", "/dltasks", lambda r, a: s.list_tasks(r.params)),
             _Route("POST", "/dltasks", lambda r, a: s.create_task(_json(r))),
             _Route("GET", "/dltasks/{id}", lambda r, a: s.get_task(a["id"])),
+            _Route("GET", "/dltasks/{id}/status", lambda r, a: s.task_status(a["id"])),
+            _Route("DELETE", "/dltasks/{id}", lambda r, a: s.delete_task(a["id"])),
+            _Route("GET", "/trained-models", lambda r, a: s.list_models(r.params)),
+            _Route("GET", "/trained-models/{id}", lambda r, a: s.get_model(a["id"])),
+            _Route("DELETE", "/trained-models/{id}", lambda r, a: s.delete_model(a["id"])),
         )
         self.introspection_routes = (
             _Route("GET", "/state", lambda r, a: self.snapshot(), needs_auth=False),
@@ -172,13 +196,13 @@ class _App:
             log.debug("emulator: injected drop for %s", key)
             return _DROP
         if route is None:
-            return _error(not_found())
+            return _error(not_implemented(request.method, path))
         if plan.fail_in_200:
             log.debug("emulator: injected result:fail in a 200 for %s", key)
             return _Reply(200, fail_body("The request could not be completed (injected fault)"))
         try:
             if route.needs_auth:
-                self.state.authenticate(request.headers.get("x-auth-token"))
+                args["_owner"] = self.state.authenticate(request.headers.get("x-auth-token"))
             reply = _Reply(200, route.handler(request, args))
         except ApiError as exc:
             reply = _error(exc)
@@ -200,13 +224,16 @@ class _App:
         dataset_id = args["id"]
         # Refuse before reading a possibly large body into the parser.
         if not self.state.has_dataset(dataset_id):
-            raise not_found()
+            self.state.get_dataset(dataset_id)  # raises the product's 404
         try:
             form = parse_upload(request.body, request.content_type, request.content_length)
         except UploadError as exc:
             raise bad_request(str(exc)) from exc
         return self.state.store_upload(
-            dataset_id, form, lambda: self.faults.fail_file("POST /datasets/{id}/files")
+            dataset_id,
+            form,
+            args.get("_owner", ""),
+            lambda: self.faults.fail_file("POST /datasets/{id}/files"),
         )
 
     def _reset(self, request: _Request, args: Mapping[str, str]) -> Any:
@@ -241,9 +268,8 @@ class _App:
 
     def _set_options(self, request: _Request, args: Mapping[str, str]) -> Any:
         body = _json(request)
-        allowed = {"training_seconds", "token_lifetime", "training_outcome"}
-        if not isinstance(body, dict) or not set(body) <= allowed:
-            raise bad_request(f"Expected a JSON object with some of: {', '.join(sorted(allowed))}")
+        if not isinstance(body, dict):
+            raise bad_request("Expected a JSON object of run-time options")
         try:
             self.state.set_options(**body)
         except ValueError as exc:
@@ -601,27 +627,14 @@ class Emulator:
         """Replace the fault options (and reseed the fault generator from their seed)."""
         self._app.faults.configure(faults)
 
-    def set_options(
-        self,
-        *,
-        training_seconds: Any = ...,
-        token_lifetime: Any = ...,
-        training_outcome: Any = ...,
-    ) -> None:
-        """Change ``training_seconds``, ``token_lifetime`` or ``training_outcome`` at run time.
+    def set_options(self, **changes: Any) -> None:
+        """Change run-time options: ``training_seconds``, ``token_lifetime``,
+        ``training_outcome``, ``upload_failure_status``, ``locked_uploads``,
+        ``finishing_error_rate``.
 
-        Raises ValueError on an invalid value.
+        Raises ValueError on an unknown option or an invalid value.
         """
-        given = {
-            name: value
-            for name, value in (
-                ("training_seconds", training_seconds),
-                ("token_lifetime", token_lifetime),
-                ("training_outcome", training_outcome),
-            )
-            if value is not ...
-        }
-        self._app.state.set_options(**given)
+        self._app.state.set_options(**changes)
 
     def revoke_tokens(self) -> None:
         """Revoke every token issued so far (the next call with one gets 401)."""

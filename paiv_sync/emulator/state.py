@@ -3,209 +3,76 @@
 Nothing here knows about HTTP: each method takes parsed input, applies MVI's rules and
 returns the JSON-able answer, or raises :class:`ApiError` carrying the status and the body
 MVI would send. One re-entrant lock guards everything, so concurrent requests lose nothing.
+Objects are kept in the records of :mod:`paiv_sync.emulator.records`; what each shows of
+itself, and with which field types, is decided there.
 """
 
 from __future__ import annotations
 
-import datetime
+import dataclasses
 import hmac
+import json
 import logging
+import random
 import secrets
 import threading
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
+from paiv_sync.emulator import listing
 from paiv_sync.emulator.options import (
     EmulatorOptions,
+    check_locked_uploads,
+    check_rate,
     check_token_lifetime,
     check_training_outcome,
     check_training_seconds,
+    check_upload_failure_status,
+)
+from paiv_sync.emulator.records import (
+    FILE_SORT_ALIASES,
+    FILE_SORT_FIELDS,
+    TASK_SORT_FIELDS,
+    ApiError,
+    Category,
+    Dataset,
+    StoredFile,
+    Task,
+    bad_request,
+    fail_body,
+    file_fail,
+    iso,
+    missing,
+    new_id,
+    not_found,
+    unauthorized,
 )
 from paiv_sync.emulator.uploads import UploadForm
+
+__all__ = ["ApiError", "EmulatorState", "bad_request", "fail_body", "not_found"]
 
 log = logging.getLogger(__name__)
 
 # MVI's documented minimum for classification training.
 MIN_CATEGORIES = 2
 MIN_IMAGES_PER_CATEGORY = 5
-
-_SORTABLE_FILE_FIELDS = (
-    "_id",
-    "original_file_name",
-    "file_type",
-    "size",
-    "content_type",
-    "created_at",
-    "category_id",
-    "category_name",
-)
+# The form field of an upload whose JSON object is attached to every file of it [client].
+USER_METADATA_FIELD = "user-metadata"
+# How long after a task ends its status may answer the transient 500 [client].
+FINISHING_WINDOW = 1.0
 
 # Marks "argument not given" in set_options, where None is a meaningful value.
 _UNSET: Any = object()
-
-
-class ApiError(Exception):
-    """An API call fails: ``status`` and ``body`` are what the emulator answers."""
-
-    def __init__(self, status: int, body: Mapping[str, Any]) -> None:
-        """Take the HTTP status and the JSON body of the failure."""
-        super().__init__(f"HTTP {status}: {body.get('fault', body)}")
-        self.status = status
-        self.body = dict(body)
-
-
-def fail_body(fault: str) -> dict[str, Any]:
-    """Return MVI's usual failure body ``{"result": "fail", "fault": fault}``."""
-    return {"result": "fail", "fault": fault}
-
-
-def not_found() -> ApiError:
-    """Return the error for an unknown route, dataset or task (MVI's documented 404 body)."""
-    return ApiError(
-        404,
-        {
-            "status": "Not Found",
-            "fault": "HTTP 404 Not Found",
-            "type": "NotFoundException",
-            "result": "fail",
-        },
-    )
-
-
-def bad_request(fault: str) -> ApiError:
-    """Return a 400 error with ``fault`` as its message."""
-    return ApiError(400, fail_body(fault))
-
-
-def unauthorized(fault: str) -> ApiError:
-    """Return a 401 error with ``fault`` as its message."""
-    return ApiError(401, fail_body(fault))
-
-
-@dataclass(frozen=True)
-class _Category:
-    id: str
-    dataset_id: str
-    name: str
-    created_at: str
-
-    def api_view(self) -> dict[str, Any]:
-        return {
-            "_id": self.id,
-            "dataset_id": self.dataset_id,
-            "name": self.name,
-            "created_at": self.created_at,
-        }
-
-
-@dataclass(frozen=True)
-class _File:
-    id: str
-    dataset_id: str
-    original_file_name: str
-    file_type: str
-    size: int
-    content_type: str
-    sha256: str
-    category_id: str | None
-    category_name: str | None
-    created_at: str
-
-    def api_view(self) -> dict[str, Any]:
-        """The file as ``GET /datasets/{id}/files`` shows it (no content hash)."""
-        return {
-            "_id": self.id,
-            "original_file_name": self.original_file_name,
-            "file_type": self.file_type,
-            "dataset_id": self.dataset_id,
-            "size": self.size,
-            "content_type": self.content_type,
-            "created_at": self.created_at,
-            "category_id": self.category_id,
-            "category_name": self.category_name,
-        }
-
-    def state_view(self) -> dict[str, Any]:
-        """The file as the introspection endpoint shows it (with its content hash)."""
-        return {
-            "_id": self.id,
-            "original_file_name": self.original_file_name,
-            "category_id": self.category_id,
-            "category_name": self.category_name,
-            "sha256": self.sha256,
-            "size": self.size,
-            "content_type": self.content_type,
-            "file_type": self.file_type,
-            "created_at": self.created_at,
-        }
-
-
-@dataclass(frozen=True, eq=False)
-class _Dataset:
-    id: str
-    name: str
-    created_at: str
-    # The containers are filled in place; the record itself never changes.
-    categories: dict[str, _Category] = field(default_factory=dict)
-    files: list[_File] = field(default_factory=list)
-
-    def api_view(self) -> dict[str, Any]:
-        return {
-            "_id": self.id,
-            "name": self.name,
-            "total_file_count": len(self.files),
-            "created_at": self.created_at,
-        }
-
-    def category_named(self, name: str) -> _Category | None:
-        return next((c for c in self.categories.values() if c.name == name), None)
-
-    def image_counts(self) -> dict[str, int]:
-        """Images per category id (every category listed, also those with none)."""
-        counts = dict.fromkeys(self.categories, 0)
-        for f in self.files:
-            if f.file_type == "image" and f.category_id in counts:
-                counts[f.category_id] += 1
-        return counts
-
-
-@dataclass(frozen=True)
-class _Task:
-    id: str
-    name: str
-    dataset_id: str
-    usage: str
-    action: str
-    pretrained_model: str | None
-    strategy: dict[str, Any] | None
-    nn_arch: str | None
-    created_at: str
-    ends: float  # on the monotonic clock
-    ends_wall: float
-    outcome: str
-
-    def status(self, now: float) -> str:
-        return self.outcome if now >= self.ends else "training"
-
-    def view(self, now: float) -> dict[str, Any]:
-        status = self.status(now)
-        return {
-            "_id": self.id,
-            "name": self.name,
-            "dataset_id": self.dataset_id,
-            "usage": self.usage,
-            "action": self.action,
-            "status": status,
-            "pretrained_model": self.pretrained_model,
-            "strategy": self.strategy,
-            "nn_arch": self.nn_arch,
-            "created_at": self.created_at,
-            "completed_at": None if status == "training" else _iso(self.ends_wall),
-        }
+_RUNTIME_OPTIONS = (
+    "training_seconds",
+    "token_lifetime",
+    "training_outcome",
+    "upload_failure_status",
+    "locked_uploads",
+    "finishing_error_rate",
+)
 
 
 class EmulatorState:
@@ -230,13 +97,18 @@ class EmulatorState:
         self.training_seconds = options.training_seconds
         self.token_lifetime = options.token_lifetime
         self.training_outcome = options.training_outcome
-        self._datasets: dict[str, _Dataset] = {}
-        self._tasks: dict[str, _Task] = {}
-        self._tokens: dict[str, float] = {}
+        self.upload_failure_status = options.upload_failure_status
+        self.locked_uploads = options.locked_uploads
+        self.finishing_error_rate = options.finishing_error_rate
+        self._random = random.Random(options.faults.seed)
+        self._datasets: dict[str, Dataset] = {}
+        self._tasks: dict[str, Task] = {}
+        self._tokens: dict[str, tuple[float, str]] = {}  # token -> (issued, user)
         self._active_keys: set[str] = set(options.api_keys)
         self._requests: Counter[str] = Counter()
         self._tokens_issued = 0
         self._concurrent_trainings_max = 0
+        self._product_faults: Counter[str] = Counter()
 
     # ---- housekeeping -------------------------------------------------------------------
 
@@ -250,34 +122,34 @@ class EmulatorState:
             self._requests.clear()
             self._tokens_issued = 0
             self._concurrent_trainings_max = 0
+            self._product_faults.clear()
+            self._random = random.Random(self._options.faults.seed)
         log.info("emulator state reset")
 
-    def set_options(
-        self,
-        *,
-        training_seconds: Any = _UNSET,
-        token_lifetime: Any = _UNSET,
-        training_outcome: Any = _UNSET,
-    ) -> None:
-        """Change run-time options; arguments not given are left alone.
+    def set_options(self, **changes: Any) -> None:
+        """Change run-time options (see ``_RUNTIME_OPTIONS``); those not given are left alone.
 
         ``training_seconds`` and ``training_outcome`` apply to tasks started afterwards;
-        ``token_lifetime`` applies at once to every token, old ones included.
-        Raises ValueError on an invalid value.
+        ``token_lifetime`` applies at once to every token, old ones included; the others to
+        the next request. Raises ValueError on an unknown option or an invalid value.
         """
-        if training_seconds is not _UNSET:
-            check_training_seconds(training_seconds)
-        if token_lifetime is not _UNSET:
-            check_token_lifetime(token_lifetime)
-        if training_outcome is not _UNSET:
-            check_training_outcome(training_outcome)
+        unknown = sorted(set(changes) - set(_RUNTIME_OPTIONS))
+        if unknown:
+            raise ValueError(f"not a run-time option: {', '.join(unknown)}")
+        checks: dict[str, Callable[[Any], None]] = {
+            "training_seconds": check_training_seconds,
+            "token_lifetime": check_token_lifetime,
+            "training_outcome": check_training_outcome,
+            "upload_failure_status": check_upload_failure_status,
+            "locked_uploads": check_locked_uploads,
+            "finishing_error_rate": lambda v: check_rate("finishing_error_rate", v),
+        }
+        for name, value in changes.items():
+            checks[name](value)
         with self._lock:
-            if training_seconds is not _UNSET:
-                self.training_seconds = float(training_seconds)
-            if token_lifetime is not _UNSET:
-                self.token_lifetime = None if token_lifetime is None else float(token_lifetime)
-            if training_outcome is not _UNSET:
-                self.training_outcome = str(training_outcome)
+            for name, value in changes.items():
+                numeric = name in ("training_seconds", "finishing_error_rate", "token_lifetime")
+                setattr(self, name, float(value) if numeric and value is not None else value)
 
     def count_request(self, key: str) -> None:
         """Count one request under ``key`` (``"METHOD /route/template"``)."""
@@ -306,15 +178,16 @@ class EmulatorState:
             raise unauthorized("Invalid username or password")
         token = secrets.token_urlsafe(32)
         with self._lock:
-            self._tokens[token] = self._monotonic()
+            self._tokens[token] = (self._monotonic(), username)
             self._tokens_issued += 1
         log.info("emulator: issued a token to user %r", username)
         return {"result": "success", "token": token}
 
-    def authenticate(self, credential: str | None) -> None:
+    def authenticate(self, credential: str | None) -> str:
         """Check an ``X-Auth-Token`` value: a live token, or an active key in API-key mode.
 
-        Raises ApiError 401 when it is missing, unknown, expired or revoked.
+        Returns the user it stands for (the files' ``owner``). Raises ApiError 401 when it is
+        missing, unknown, expired or revoked.
         """
         if not credential:
             raise unauthorized("Missing X-Auth-Token header")
@@ -322,14 +195,15 @@ class EmulatorState:
             if self._options.api_key_mode:
                 if not any(hmac.compare_digest(credential, k) for k in self._active_keys):
                     raise unauthorized("Invalid or revoked API key")
-                return
+                return "apikey"
             issued = self._tokens.get(credential)
             if issued is None:
                 raise unauthorized("Invalid or revoked token")
             lifetime = self.token_lifetime
-            if lifetime is not None and self._monotonic() - issued >= lifetime:
+            if lifetime is not None and self._monotonic() - issued[0] >= lifetime:
                 del self._tokens[credential]
                 raise unauthorized("Token expired")
+            return issued[1]
 
     def revoke_tokens(self) -> int:
         """Revoke every token issued so far; return how many were live."""
@@ -349,16 +223,17 @@ class EmulatorState:
 
     # ---- datasets and categories ---------------------------------------------------------
 
-    def list_datasets(self) -> list[dict[str, Any]]:
-        """``GET /datasets``: every dataset, newest first."""
+    def list_datasets(self, params: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
+        """``GET /datasets``: every dataset, newest first [client]."""
         with self._lock:
-            return [d.api_view() for d in reversed(self._datasets.values())]
+            views = [self._dataset_view(d) for d in self._datasets.values()]
+        return _listed(views, params or {}, ("_id", "name", "created_at", "total_file_count"))
 
     def create_dataset(self, body: Any) -> dict[str, Any]:
         """``POST /datasets`` with ``{"name": N}``. Raises ApiError 400 on a bad body."""
         name = _required_name(_json_object(body))
         with self._lock:
-            dataset = _Dataset(id=_new_id(), name=name, created_at=self._now())
+            dataset = Dataset(id=new_id(), name=name, created_at=self._now())
             self._datasets[dataset.id] = dataset
         log.info("emulator: created dataset %s %r", dataset.id, name)
         return {"result": "success", "dataset_id": dataset.id}
@@ -366,7 +241,7 @@ class EmulatorState:
     def get_dataset(self, dataset_id: str) -> dict[str, Any]:
         """``GET /datasets/{id}``. Raises ApiError 404 for an unknown id."""
         with self._lock:
-            return self._dataset(dataset_id).api_view()
+            return self._dataset_view(self._dataset(dataset_id))
 
     def has_dataset(self, dataset_id: str) -> bool:
         """True when the dataset exists."""
@@ -379,10 +254,22 @@ class EmulatorState:
             del self._datasets[dataset_id]
         log.info("emulator: deleted dataset %s", dataset_id)
 
-    def list_categories(self, dataset_id: str) -> list[dict[str, Any]]:
+    def api_delete_dataset(self, dataset_id: str) -> dict[str, Any]:
+        """``DELETE /datasets/{id}``. Raises ApiError 404 ("Unknown dataset") [client]."""
+        with self._lock:
+            if dataset_id not in self._datasets:
+                raise missing(f"Unknown dataset {dataset_id}")
+            del self._datasets[dataset_id]
+        log.info("emulator: deleted dataset %s", dataset_id)
+        return {"result": "success"}
+
+    def list_categories(
+        self, dataset_id: str, params: Mapping[str, str] | None = None
+    ) -> list[dict[str, Any]]:
         """``GET /datasets/{id}/categories``, oldest first. Raises ApiError 404."""
         with self._lock:
-            return [c.api_view() for c in self._dataset(dataset_id).categories.values()]
+            views = [c.api_view() for c in self._dataset(dataset_id).categories.values()]
+        return _listed(views, params or {}, ("_id", "name", "created_at"), newest_first=False)
 
     def create_category(self, dataset_id: str, body: Any) -> dict[str, Any]:
         """``POST /datasets/{id}/categories`` with ``{"name": N}``.
@@ -398,20 +285,58 @@ class EmulatorState:
             category = self._add_category(dataset, name)
         return {"result": "success", "dataset_category_id": category.id}
 
+    def get_category(self, dataset_id: str, category_id: str) -> dict[str, Any]:
+        """``GET /datasets/{id}/categories/{cid}``. Raises ApiError 404."""
+        with self._lock:
+            return self._category(self._dataset(dataset_id), category_id).api_view()
+
+    def delete_category(self, dataset_id: str, category_id: str) -> dict[str, Any]:
+        """``DELETE /datasets/{id}/categories/{cid}``: its files stay, uncategorised [guess]."""
+        with self._lock:
+            dataset = self._dataset(dataset_id)
+            self._category(dataset, category_id)
+            del dataset.categories[category_id]
+            dataset.files[:] = [
+                dataclasses.replace(f, category_id=None, category_name=None)
+                if f.category_id == category_id
+                else f
+                for f in dataset.files
+            ]
+        log.info("emulator: dataset %s: deleted category %s", dataset_id, category_id)
+        return {"result": "success"}
+
+    def category_action(self, dataset_id: str, category_id: str, body: Any) -> dict[str, Any]:
+        """``POST …/categories/{cid}/action`` ``{"action": "calculate"}`` → its file count."""
+        body = _json_object(body)
+        if body.get("action") != "calculate":
+            raise bad_request(f'action must be "calculate", got {body.get("action")!r}')
+        with self._lock:
+            dataset = self._dataset(dataset_id)
+            category = self._category(dataset, category_id)
+            size = sum(f.category_id == category.id for f in dataset.files)
+        return {"result": "success", **category.api_view(), "size": size}
+
     # ---- files ---------------------------------------------------------------------------
 
     def store_upload(
-        self, dataset_id: str, form: UploadForm, fail_file: Callable[[], bool]
+        self, dataset_id: str, form: UploadForm, owner: str, fail_file: Callable[[], bool]
     ) -> dict[str, Any]:
         """``POST /datasets/{id}/files``: store the accepted files, one result entry each.
 
         The category comes from the ``category_id`` field, else ``category_name`` (created when
-        the dataset has no such category), else none. ``fail_file`` is asked, for each file
-        that would be stored, whether to fail it instead (fault injection).
-        Raises ApiError: 404 for an unknown dataset, 400 when the request holds no file.
+        the dataset has no such category), else none; a ``user-metadata`` field (a JSON
+        object) is attached to every stored file. ``fail_file`` is asked, for each file that
+        would be stored, whether to fail it instead (fault injection).
+
+        When any file failed, the answer is ``upload_failure_status`` (400 by default, as the
+        product answers [client]) with ``result: fail`` and the same ``resultList``; the files
+        that succeeded are stored all the same.
+        Raises ApiError: 404 for an unknown dataset, 400 when the request holds no file or a
+        bad ``user-metadata``, 409/423 while the dataset is locked (``locked_uploads``).
         """
         if not form.files:
             raise bad_request("No files in the request: send one or more parts named 'files'")
+        metadata = _user_metadata(form.fields.get(USER_METADATA_FIELD))
         # Names are kept exactly as sent (as for POST /categories); blank means "none".
         category_id = form.fields.get("category_id", "").strip()
         category_name = form.fields.get("category_name", "")
@@ -421,6 +346,11 @@ class EmulatorState:
         stored = 0
         with self._lock:
             dataset = self._dataset(dataset_id)
+            if self.locked_uploads != "accept" and self._locked(dataset):
+                raise ApiError(
+                    int(self.locked_uploads),
+                    fail_body(f"Dataset {dataset_id} is locked while a training runs"),
+                )
             category = None
             category_fault = None
             if category_id:
@@ -432,19 +362,19 @@ class EmulatorState:
             for upload in form.files:
                 name = upload.original_file_name
                 if upload.fault is not None:
-                    results.append(_file_fail(name, upload.fault))
+                    results.append(file_fail(name, upload.fault))
                     continue
                 if category_fault is not None:
-                    results.append(_file_fail(name, category_fault))
+                    results.append(file_fail(name, category_fault))
                     continue
                 if fail_file():
-                    results.append(_file_fail(name, "Internal error while storing the file"))
+                    results.append(file_fail(name, "Internal error while storing the file"))
                     continue
                 if category is None and category_name:
                     category = self._add_category(dataset, category_name)
                 assert upload.file_type is not None and upload.content_type is not None
-                stored_file = _File(
-                    id=_new_id(),
+                stored_file = StoredFile(
+                    id=new_id(),
                     dataset_id=dataset.id,
                     original_file_name=name,
                     file_type=upload.file_type,
@@ -453,48 +383,90 @@ class EmulatorState:
                     sha256=upload.sha256,
                     category_id=category.id if category else None,
                     category_name=category.name if category else None,
-                    created_at=self._now(),
+                    created_ms=self._now_ms(),
+                    owner=owner,
+                    width=upload.width,
+                    height=upload.height,
+                    user_metadata=dict(metadata),
                 )
                 dataset.files.append(stored_file)
                 stored += 1
                 results.append(
                     {"result": "success", "_id": stored_file.id, "original_file_name": name}
                 )
+        failed = len(results) - stored
         log.info(
             "emulator: dataset %s: stored %d of %d file(s)", dataset_id, stored, len(form.files)
         )
+        if failed and self.upload_failure_status != 200:
+            raise ApiError(
+                self.upload_failure_status,
+                {
+                    "result": "fail",
+                    "fault": f"{failed} of {len(results)} files could not be uploaded",
+                    "resultList": results,
+                },
+            )
         return {"result": "success", "resultList": results}
 
     def list_files(self, dataset_id: str, params: Mapping[str, str]) -> list[dict[str, Any]]:
-        """``GET /datasets/{id}/files`` filtered by ``category_id`` and ``query`` (a
-        case-insensitive substring of the file name), ordered by ``sortby`` (a field name,
-        ``-`` in front for descending; default upload order), then ``skip`` and ``limit``
-        (0 = no limit).
+        """``GET /datasets/{id}/files``: newest first by default [client], then as ``params``
+        say: ``category_id`` and ``parent_id`` (exact), ``query`` terms (``metadata.<key>``
+        included), ``sortby``, ``skip`` and ``limit`` (0 = no limit) — see ``listing``.
 
         Raises ApiError: 404 for an unknown dataset, 400 on a bad parameter.
         """
-        skip = _non_negative_int(params, "skip")
-        limit = _non_negative_int(params, "limit")
-        sortby = params.get("sortby", "").strip()
-        descending = sortby.startswith("-")
-        sort_field = sortby.lstrip("-")
-        if sort_field and sort_field not in _SORTABLE_FILE_FIELDS:
-            raise bad_request(
-                f"sortby: unknown field {sort_field!r}; one of {', '.join(_SORTABLE_FILE_FIELDS)}"
-            )
         with self._lock:
-            views = [f.api_view() for f in self._dataset(dataset_id).files]
-        if "category_id" in params:
-            views = [v for v in views if v["category_id"] == params["category_id"]]
-        query = params.get("query", "").lower()
-        if query:
-            views = [v for v in views if query in v["original_file_name"].lower()]
-        if sort_field:
-            views.sort(
-                key=lambda v: (v[sort_field] is None, v[sort_field] or 0), reverse=descending
+            files = list(self._dataset(dataset_id).files)
+        # The user metadata takes part in queries but is not a field of the file object.
+        views = [{**f.api_view(), "user_metadata": f.user_metadata} for f in files]
+        try:
+            chosen = listing.apply(
+                views,
+                params,
+                sortable=FILE_SORT_FIELDS,
+                aliases=FILE_SORT_ALIASES,
+                filters=("category_id", "parent_id"),
             )
-        views = views[skip:]
-        return views[:limit] if limit else views
+        except listing.ListingError as exc:
+            raise bad_request(str(exc)) from exc
+        for view in chosen:
+            del view["user_metadata"]
+        return chosen
+
+    def get_file(self, dataset_id: str, file_id: str) -> dict[str, Any]:
+        """``GET /datasets/{id}/files/{fid}``. Raises ApiError 404 [client: the fault texts]."""
+        with self._lock:
+            return self._file(self._dataset(dataset_id), file_id).api_view()
+
+    def delete_file(self, dataset_id: str, file_id: str) -> dict[str, Any]:
+        """``DELETE /datasets/{id}/files/{fid}``. Raises ApiError 404."""
+        with self._lock:
+            dataset = self._dataset(dataset_id, unknown="Unknown dataset")
+            found = self._file(dataset, file_id)
+            dataset.files.remove(found)
+        log.info("emulator: dataset %s: deleted file %s", dataset_id, file_id)
+        return {"result": "success"}
+
+    def get_user_metadata(self, dataset_id: str, file_id: str) -> dict[str, Any]:
+        """``GET …/files/{fid}/user-metadata``: the file's key/value pairs."""
+        with self._lock:
+            return dict(self._file(self._dataset(dataset_id), file_id).user_metadata)
+
+    def add_user_metadata(self, dataset_id: str, file_id: str, body: Any) -> dict[str, Any]:
+        """``POST …/files/{fid}/user-metadata`` with a JSON object: add or replace those keys."""
+        pairs = _json_object(body)
+        with self._lock:
+            self._file(self._dataset(dataset_id), file_id).user_metadata.update(pairs)
+        return {"result": "success"}
+
+    def delete_user_metadata(self, dataset_id: str, file_id: str, body: Any) -> list[str]:
+        """``DELETE …/files/{fid}/user-metadata`` with a JSON list of keys; the keys deleted."""
+        if not isinstance(body, list) or not all(isinstance(k, str) for k in body):
+            raise bad_request("The request body must be a JSON list of metadata keys")
+        with self._lock:
+            metadata = self._file(self._dataset(dataset_id), file_id).user_metadata
+            return [k for k in body if metadata.pop(k, None) is not None]
 
     # ---- training --------------------------------------------------------------------------
 
@@ -510,11 +482,8 @@ class EmulatorState:
         dataset_id = body.get("dataset_id")
         if not isinstance(dataset_id, str) or not dataset_id:
             raise bad_request("dataset_id is required")
-        usage, action = body.get("usage"), body.get("action")
-        if usage != "cic":
-            raise bad_request(f'usage must be "cic" (classification), got {usage!r}')
-        if action != "create":
-            raise bad_request(f'action must be "create" for classification, got {action!r}')
+        action = body.get("action")
+        usage = self._classification_usage(body.get("usage"), action)
         pretrained = body.get("pretrained_model")
         strategy = body.get("strategy")
         nn_arch = body.get("nn_arch")
@@ -538,19 +507,19 @@ class EmulatorState:
             shortfall = _training_shortfall(dataset)
             if shortfall:
                 raise bad_request(shortfall)
-            task = _Task(
-                id=_new_id(),
+            task = Task(
+                id=new_id(),
                 name=name,
                 dataset_id=dataset_id,
                 usage=usage,
-                action=action,
                 pretrained_model=pretrained or None,
                 strategy=strategy,
                 nn_arch=nn_arch,
                 created_at=self._now(),
                 ends=now + self.training_seconds,
-                ends_wall=self._clock() + self.training_seconds,
                 outcome=self.training_outcome,
+                started=now,
+                action=action if isinstance(action, str) else None,
             )
             # MVI would queue or refuse a second training [guess]; we run it and count it.
             running = 1 + sum(t.status(now) == "training" for t in self._tasks.values())
@@ -560,20 +529,59 @@ class EmulatorState:
         return {"result": "success", "task_id": task.id}
 
     def list_tasks(self, params: Mapping[str, str]) -> list[dict[str, Any]]:
-        """``GET /dltasks``, newest first, optionally only those whose ``status`` matches."""
+        """``GET /dltasks``, newest first [client], optionally only one ``status``."""
         with self._lock:
             now = self._monotonic()
-            views = [t.view(now) for t in reversed(self._tasks.values())]
-        status = params.get("status")
-        return [v for v in views if v["status"] == status] if status else views
+            views = [t.view(now) for t in self._tasks.values()]
+        return _listed(views, params, TASK_SORT_FIELDS, filters=("status", "dataset_id"))
 
     def get_task(self, task_id: str) -> dict[str, Any]:
-        """``GET /dltasks/{id}``. Raises ApiError 404 for an unknown id."""
+        """``GET /dltasks/{id}``. Raises ApiError 404 for an unknown id, and now and then the
+        product's transient 500 just after the task finished."""
         with self._lock:
-            task = self._tasks.get(task_id)
-            if task is None:
-                raise not_found()
+            task = self._task(task_id)
+            self._maybe_finishing_error(task)
             return task.view(self._monotonic())
+
+    def task_status(self, task_id: str) -> dict[str, Any]:
+        """``GET /dltasks/{id}/status`` → ``{result, status, data: [{iter, total_iter, loss}]}``."""
+        with self._lock:
+            task = self._task(task_id)
+            self._maybe_finishing_error(task)
+            now = self._monotonic()
+            return {"result": "success", "status": task.status(now), "data": task.progress(now)}
+
+    def delete_task(self, task_id: str) -> dict[str, Any]:
+        """``DELETE /dltasks/{id}`` (a trained task is its model: it goes too)."""
+        with self._lock:
+            self._task(task_id)
+            del self._tasks[task_id]
+        log.info("emulator: deleted task %s", task_id)
+        return {"result": "success"}
+
+    def list_models(self, params: Mapping[str, str]) -> list[dict[str, Any]]:
+        """``GET /trained-models``: the tasks that trained, newest first; ids equal task ids."""
+        with self._lock:
+            now = self._monotonic()
+            views = [t.model_view() for t in self._tasks.values() if t.trained(now)]
+        return _listed(
+            views, params, TASK_SORT_FIELDS, filters=("usage", "production_status", "dataset_id")
+        )
+
+    def get_model(self, model_id: str) -> dict[str, Any]:
+        """``GET /trained-models/{id}``. Raises ApiError 404 when no trained model has that id."""
+        with self._lock:
+            task = self._tasks.get(model_id)
+            if task is None or not task.trained(self._monotonic()):
+                raise missing(f"Could not find trained model {model_id}")
+            return task.model_view()
+
+    def delete_model(self, model_id: str) -> dict[str, Any]:
+        """``DELETE /trained-models/{id}``."""
+        self.get_model(model_id)
+        with self._lock:
+            self._tasks.pop(model_id, None)
+        return {"result": "success"}
 
     # ---- introspection ---------------------------------------------------------------------
 
@@ -586,6 +594,7 @@ class EmulatorState:
                     "_id": d.id,
                     "name": d.name,
                     "created_at": d.created_at,
+                    "locked": self._locked(d),
                     "categories": [{"_id": c.id, "name": c.name} for c in d.categories.values()],
                     "files": [f.state_view() for f in d.files],
                 }
@@ -597,9 +606,9 @@ class EmulatorState:
                     groups.setdefault((d.id, f.category_name, f.sha256), []).append(f.id)
             return {
                 "datasets": datasets,
-                "tasks": [t.view(now) for t in self._tasks.values()],
+                "tasks": [t.state_view(now) for t in self._tasks.values()],
                 "requests": dict(self._requests),
-                "faults": dict(fault_counts),
+                "faults": {**fault_counts, **self._product_faults},
                 "duplicates": [
                     {
                         "dataset_id": dataset_id,
@@ -615,25 +624,99 @@ class EmulatorState:
                 "concurrent_trainings_max": self._concurrent_trainings_max,
             }
 
+    def count_product_fault(self, kind: str) -> None:
+        """Count an answer the product gives and the client must handle (``locked``, …)."""
+        with self._lock:
+            self._product_faults[kind] += 1
+
     # ---- helpers ---------------------------------------------------------------------------
 
-    def _dataset(self, dataset_id: str) -> _Dataset:
+    def _dataset(self, dataset_id: str, unknown: str = "Could not find dataset") -> Dataset:
         dataset = self._datasets.get(dataset_id)
         if dataset is None:
-            raise not_found()
+            raise missing(f"{unknown} {dataset_id}")
         return dataset
 
-    def _add_category(self, dataset: _Dataset, name: str) -> _Category:
-        category = _Category(id=_new_id(), dataset_id=dataset.id, name=name, created_at=self._now())
+    def _category(self, dataset: Dataset, category_id: str) -> Category:
+        category = dataset.categories.get(category_id)
+        if category is None:
+            raise missing(f"Could not find category {category_id}")
+        return category
+
+    def _file(self, dataset: Dataset, file_id: str) -> StoredFile:
+        found = next((f for f in dataset.files if f.id == file_id), None)
+        if found is None:
+            raise missing(f"Could not find file {file_id}")
+        return found
+
+    def _task(self, task_id: str) -> Task:
+        task = self._tasks.get(task_id)
+        if task is None:
+            raise missing(f"Could not find task {task_id}")
+        return task
+
+    def _locked(self, dataset: Dataset) -> int:
+        now = self._monotonic()
+        tasks = self._tasks.values()
+        return int(any(t.dataset_id == dataset.id and t.status(now) == "training" for t in tasks))
+
+    def _dataset_view(self, dataset: Dataset) -> dict[str, Any]:
+        return dataset.api_view(locked=self._locked(dataset))
+
+    def _maybe_finishing_error(self, task: Task) -> None:
+        since_end = self._monotonic() - task.ends
+        draw = self._random.random()
+        if 0 <= since_end < FINISHING_WINDOW and draw < self.finishing_error_rate:
+            self._product_faults["finishing_500"] += 1
+            raise ApiError(500, fail_body("Internal server error"))
+
+    def _classification_usage(self, usage: object, action: object) -> str:
+        """``cic`` when the body asks for classification; raises ApiError 400 otherwise."""
+        strict = self._options.strict_tasks
+        if usage is None and action == "create" and not strict:
+            return "cic"  # IBM's older demo sends action without usage [client]
+        if usage != "cic":
+            raise bad_request(f'usage must be "cic" (classification), got {usage!r}')
+        if action is None and not strict:
+            return "cic"  # IBM's library sends usage without action [client]
+        if action != "create":
+            raise bad_request(f'action must be "create" for classification, got {action!r}')
+        return "cic"
+
+    def _add_category(self, dataset: Dataset, name: str) -> Category:
+        category = Category(id=new_id(), dataset_id=dataset.id, name=name, created_at=self._now())
         dataset.categories[category.id] = category
         log.info("emulator: dataset %s: created category %r", dataset.id, name)
         return category
 
     def _now(self) -> str:
-        return _iso(self._clock())
+        return iso(self._clock())
+
+    def _now_ms(self) -> int:
+        return int(self._clock() * 1000)
 
 
-def _training_shortfall(dataset: _Dataset) -> str | None:
+def _listed(
+    views: list[dict[str, Any]],
+    params: Mapping[str, str],
+    sortable: tuple[str, ...],
+    filters: tuple[str, ...] = (),
+    newest_first: bool = True,
+) -> list[dict[str, Any]]:
+    try:
+        return listing.apply(
+            views,
+            params,
+            sortable=sortable,
+            aliases={},
+            filters=filters,
+            newest_first=newest_first,
+        )
+    except listing.ListingError as exc:
+        raise bad_request(str(exc)) from exc
+
+
+def _training_shortfall(dataset: Dataset) -> str | None:
     """Say what the dataset lacks for classification training, or None when it is enough."""
     counts = dataset.image_counts()
     enough = sum(n >= MIN_IMAGES_PER_CATEGORY for n in counts.values())
@@ -644,12 +727,25 @@ def _training_shortfall(dataset: _Dataset) -> str | None:
         + (f", needs {MIN_IMAGES_PER_CATEGORY - n} more" if n < MIN_IMAGES_PER_CATEGORY else "")
         for cid, n in counts.items()
     )
-    missing = MIN_CATEGORIES - enough
+    missing_count = MIN_CATEGORIES - enough
     return (
         f"Training needs at least {MIN_CATEGORIES} categories with at least "
         f"{MIN_IMAGES_PER_CATEGORY} images each; dataset {dataset.id} has {enough}, "
-        f"{missing} more needed ({details or 'no categories yet'})"
+        f"{missing_count} more needed ({details or 'no categories yet'})"
     )
+
+
+def _user_metadata(raw: str | None) -> dict[str, Any]:
+    """The ``user-metadata`` field: a JSON object. Raises ApiError 400 when it is not one."""
+    if raw is None or not raw.strip():
+        return {}
+    try:
+        value = json.loads(raw)
+    except ValueError as exc:
+        raise bad_request(f"user-metadata must be a JSON object: {exc}") from exc
+    if not isinstance(value, dict):
+        raise bad_request("user-metadata must be a JSON object of key/value pairs")
+    return value
 
 
 def _json_object(body: Any) -> dict[str, Any]:
@@ -663,25 +759,3 @@ def _required_name(body: Mapping[str, Any]) -> str:
     if not isinstance(name, str) or not name.strip():
         raise bad_request("name is required and must be a non-empty string")
     return name
-
-
-def _non_negative_int(params: Mapping[str, str], name: str) -> int:
-    raw = params.get(name, "").strip()
-    if not raw:
-        return 0
-    if not raw.isdigit():
-        raise bad_request(f"{name} must be a non-negative integer, got {raw!r}")
-    return int(raw)
-
-
-def _file_fail(name: str, fault: str) -> dict[str, Any]:
-    return {"result": "fail", "original_file_name": name, "fault": fault}
-
-
-def _new_id() -> str:
-    return str(uuid.uuid4())
-
-
-def _iso(timestamp: float) -> str:
-    moment = datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")

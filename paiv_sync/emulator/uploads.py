@@ -52,6 +52,8 @@ class UploadedFile:
     file_type: str | None
     content_type: str | None
     fault: str | None = None
+    width: int | None = None
+    height: int | None = None
 
 
 @dataclass(frozen=True)
@@ -188,10 +190,41 @@ class _PartSink:
         return self._spool
 
 
+def dimensions(head: bytes) -> tuple[int, int] | None:
+    """``(width, height)`` of a PNG or JPEG from its first bytes, None when not found there."""
+    if head.startswith(_PNG_MAGIC) and len(head) >= 24 and head[12:16] == b"IHDR":
+        return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    if not head.startswith(_JPEG_MAGIC):
+        return None
+    at = 2
+    while at + 9 <= len(head):
+        if head[at] != 0xFF:
+            return None
+        marker = head[at + 1]
+        if marker == 0xFF:  # fill byte
+            at += 1
+            continue
+        if marker in (0x01, *range(0xD0, 0xD8)):  # markers without a length
+            at += 2
+            continue
+        length = int.from_bytes(head[at + 2 : at + 4], "big")
+        # Start of frame: every SOFn but DHT (C4), JPG (C8) and DAC (CC).
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            height = int.from_bytes(head[at + 5 : at + 7], "big")
+            width = int.from_bytes(head[at + 7 : at + 9], "big")
+            return width, height
+        if marker == 0xDA:  # start of scan: no frame header before it
+            return None
+        at += 2 + length
+    return None
+
+
 def _describe(file_name: str, size: int, sha256: str, head: bytes) -> UploadedFile:
     kind = sniff(head)
     if kind is not None:
-        return UploadedFile(file_name, size, sha256, kind[0], kind[1])
+        size_wh = dimensions(head) if kind[0] == "image" else None
+        width, height = size_wh if size_wh is not None else (None, None)
+        return UploadedFile(file_name, size, sha256, kind[0], kind[1], None, width, height)
     reason = "empty file" if size == 0 else "not a JPEG, PNG or MP4 file (by its content)"
     return UploadedFile(file_name, size, sha256, None, None, f"{file_name}: {reason}")
 
