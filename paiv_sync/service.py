@@ -74,6 +74,8 @@ def make_client(
 
 # Path hints taken from the inbox per turn of the pipeline loop.
 _HINTS_PER_TURN = 256
+# Seconds between two looks for rows in doubt that no upload is settling.
+_ORPHAN_CHECK_INTERVAL = 5.0
 
 
 def _no_notify(_message: str) -> None:
@@ -181,6 +183,10 @@ class Service:
         self._connect_failures = 0
         self._next_connect = 0.0
         self._next_rescan = 0.0
+        # Rows left ``uploading`` by a batch that ended without settling them (the dataset
+        # vanished, the credentials were refused mid-reconcile): resolved while running.
+        self._orphans: Future[int] | None = None
+        self._next_orphan_check = 0.0
         self._lost = threading.Event()  # set by an upload worker: reconnect / re-resolve
         self._trainer_wake = threading.Event()
         self._trainer_thread: threading.Thread | None = None
@@ -359,6 +365,7 @@ class Service:
             self._ensure_connected()
             self._admit_settled()
             self._collect_uploads()
+            self._resolve_orphans()
             self._dispatch(force=False)
             if self.config.rescan_interval and self._clock() >= self._next_rescan:
                 self._next_rescan = self._clock() + self.config.rescan_interval
@@ -955,6 +962,34 @@ class Service:
             self.debouncer.flushed(category)
             self._pending_dirty = True
 
+    def _resolve_orphans(self, *, now: bool = False) -> None:
+        """Every few seconds while connected: settle rows no batch is sending any more.
+
+        The rows of a batch in flight are not touched (the uploader knows which those are);
+        the others are looked up on the server in an upload worker, so the loop goes on.
+        """
+        if self._orphans is not None:
+            if not self._orphans.done():
+                return
+            try:
+                if self._orphans.result():
+                    self._pending_dirty = True
+            except MviError as exc:
+                log.warning("files in doubt could not be checked against the server (%s)", exc)
+            except UploadsPaused as exc:
+                log.error("files in doubt wait: %s", exc)
+                self._lost.set()
+            except Exception:
+                log.exception("checking files in doubt against the server crashed; will retry")
+            self._orphans = None
+        if not self._connected or self.stop_event.is_set() or self._pool is None:
+            return
+        if not now and self._clock() < self._next_orphan_check:
+            return
+        self._next_orphan_check = self._clock() + _ORPHAN_CHECK_INTERVAL
+        assert self.uploader is not None
+        self._orphans = self._pool.submit(self.uploader.resolve_in_doubt)
+
     def _log_flush(self, category: str, count: int) -> None:
         log.info("category %r: uploading %d files to dataset %s", category, count, self.dataset_id)
 
@@ -1150,6 +1185,17 @@ class Service:
         self._wait_uploads()
         self._dispatch(force=True)
         self._wait_uploads()
+        for _ in range(3):
+            # Files an upload left in doubt (the server failed mid-batch): settle them against
+            # the server now, and send those it does not hold, rather than at the next run.
+            if self._lost.is_set() or self.stop_event.is_set() or not self.ledger.in_doubt():
+                break
+            self._resolve_orphans(now=True)
+            while self._orphans is not None and not self.stop_event.is_set():
+                self.stop_event.wait(0.02)
+                self._resolve_orphans()
+            self._dispatch(force=True)
+            self._wait_uploads()
         self._progress_add(report=True)  # the final counts, after the last files dropped out
         if self._lost.is_set():
             log.error("uploads stopped before everything was sent; see the errors above")
@@ -1161,7 +1207,9 @@ class Service:
         after = self.ledger.last_training()
         if after is not None and (before is None or after.id != before.id):
             self.summary.trainings_started.append(after.name)
-        self.summary.pending_left = sum(self.ledger.pending_counts().values())
+        self.summary.pending_left = sum(self.ledger.pending_counts().values()) + len(
+            self.ledger.in_doubt()
+        )
         log.info(
             "done: %d added, %d uploaded, %d duplicates skipped, %d rejected, %d still pending",
             self.summary.added,

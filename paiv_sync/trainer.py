@@ -24,9 +24,11 @@ from paiv_sync.api import (
     MviClient,
     MviError,
     NotFoundError,
+    NotSupportedError,
     RequestError,
     TlsError,
     TransientError,
+    epoch_seconds,
 )
 from paiv_sync.ledger import Ledger, TrainingRow
 
@@ -213,17 +215,30 @@ class Trainer:
         mine = self.ledger.last_trained_task(self.model_name)
         if mine is not None:
             return mine
-        trained = [
-            t
-            for t in self.client.list_tasks(status="trained")
-            if t.get("dataset_id") == dataset_id and t.get("status", "trained") == "trained"
-        ]
+        try:
+            # The product's list of models; a model's id is its training task's id [client].
+            trained = [
+                m
+                for m in self.client.list_trained_models()
+                if m.get("dataset_id") == dataset_id and m.get("usage", "cic") == "cic"
+            ]
+        except NotSupportedError:
+            trained = [
+                t
+                for t in self.client.list_tasks(status="trained")
+                if t.get("dataset_id") == dataset_id and t.get("status", "trained") == "trained"
+            ]
         if not trained:
             log.info("retrain: no trained model yet for dataset %s; training a new one", dataset_id)
             return None
-        newest = max(trained, key=lambda t: str(t.get("completed_at") or t.get("created_at") or ""))
-        task_id = newest.get("_id")
-        return str(task_id) if task_id else None
+        # Times come as epoch milliseconds or ISO text; the list's own order (newest first)
+        # settles a tie or a missing time.
+        ranked = enumerate(trained)
+        _, newest = max(
+            ranked, key=lambda it: (epoch_seconds(it[1].get("created_at")) or 0.0, -it[0])
+        )
+        model_id = newest.get("_id")
+        return str(model_id) if model_id else None
 
     # -- following a task ----------------------------------------------------------------
 

@@ -31,6 +31,7 @@ import requests
 from paiv_sync.api import (
     AmbiguousError,
     AuthError,
+    DatasetLocked,
     FileResult,
     MviClient,
     MviError,
@@ -164,6 +165,7 @@ class Uploader:
         maybe_sent = False  # True once a POST of this batch may have reached the server
         late_checks, late_wait = 0, 0.0  # after a timed-out POST: look again before resending
         one_by_one = False  # after the server refused a whole request: find the file at fault
+        locked_seen = False
         file_failures: Counter[int] = Counter()
         while True:
             rows = self.ledger.batch_rows(batch_id)
@@ -226,6 +228,19 @@ class Uploader:
                 )
                 self._backoff(attempt, getattr(exc, "retry_after", None))
                 continue
+            except DatasetLocked as exc:
+                # Nothing was stored; a training holds the dataset, maybe for a long while.
+                if not locked_seen:
+                    log.info(
+                        "category %r: the dataset is locked by a training (%s); %d files wait "
+                        "until it ends",
+                        category,
+                        exc.reason,
+                        len(sending),
+                    )
+                    locked_seen = True
+                self._backoff(attempt, getattr(exc, "retry_after", None))
+                continue
             except TransientError as exc:
                 log.warning(
                     "category %r: upload of %d files failed (%s); files stay pending, retrying",
@@ -244,6 +259,9 @@ class Uploader:
                 report.returned += len(rows)
                 raise UploadsPaused(str(exc)) from exc
             except RequestError as exc:
+                # A refusal without a per-file list says nothing of the files one by one: the
+                # server may have stored some before refusing. Ask it before sending again.
+                maybe_sent = True
                 if len(sending) > 1:
                     # The rest of the batch stays in it and goes one by one right after, so no
                     # file falls back below the upload threshold to wait for the next flush.

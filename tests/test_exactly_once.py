@@ -18,11 +18,13 @@ import threading
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from paiv_sync.api import AmbiguousError, MviClient, UploadPart
 from paiv_sync.emulator import Emulator, EmulatorOptions, FaultOptions
+from paiv_sync.emulator.options import lenient
 from paiv_sync.images import make_png
 from paiv_sync.ledger import Ledger, Outcome
 from paiv_sync.retry import RetryPolicy
@@ -98,13 +100,33 @@ def root(tmp_path: Path) -> Path:
     return folder
 
 
+def server_options(kind: str, **changes: Any) -> EmulatorOptions:
+    """The emulator as the product answers (``product``, the default) or as our older, kinder
+    emulator did (``lenient``: per-file failures inside a 200, no transient 500s)."""
+    if kind == "lenient":
+        return lenient(port=0, **changes)
+    return EmulatorOptions(port=0, **changes)
+
+
+SERVER_KINDS = pytest.mark.parametrize("kind", ["product", "lenient"])
+
+
+def ledger_states(ledger: Ledger) -> Counter[str]:
+    """How many rows the ledger holds in each state, over every category."""
+    totals: Counter[str] = Counter()
+    for counts in ledger.counts().values():
+        totals.update(counts)
+    return totals
+
+
 # -- the whole service, every fault at once -----------------------------------------------
 
 
-def test_every_server_fault_at_once_each_file_arrives_exactly_once(root: Path) -> None:
+@SERVER_KINDS
+def test_every_server_fault_at_once_each_file_arrives_exactly_once(root: Path, kind: str) -> None:
     faults = dataclasses.replace(ALL_FAULTS, seed=4)
     # Tokens expire every second: re-logins (and their faults) happen throughout.
-    options = EmulatorOptions(port=0, token_lifetime=1.0, faults=faults)
+    options = server_options(kind, token_lifetime=1.0, faults=faults)
     with Emulator(options) as emulator:
         config = config_for(
             emulator, root, threshold={"upload": 10, "training": 1000}, batch_size=8, time=0.2
@@ -125,6 +147,51 @@ def test_every_server_fault_at_once_each_file_arrives_exactly_once(root: Path) -
     # The run really went through every kind of fault, the dangerous ones included.
     for kind in ("error", "drop", "store_then_drop", "rate_limit", "fail_in_200", "latency"):
         assert injected[kind] > 0, f"no {kind} fault was injected: {injected}"
+
+
+@SERVER_KINDS
+def test_files_refused_inside_a_mixed_answer_are_settled_one_by_one(
+    tmp_path: Path, kind: str
+) -> None:
+    # The case a new user met: the product answers a request in which some files failed with
+    # a 400 carrying the per-file list, and stores the others. 200 images, 4 categories, 8 %
+    # of the files refused per attempt: each must end on the server once, and no row may stay
+    # "uploading" or pending while the service runs.
+    root = tmp_path / "images"
+    categories = ("forest", "city", "sea", "desert")
+    faults = FaultOptions(fail_in_200_rate=0.08, seed=11, routes=(UPLOAD_ROUTE,))
+    for category in categories:
+        (root / category).mkdir(parents=True)
+    with Emulator(server_options(kind, faults=faults)) as emulator:
+        config = config_for(
+            emulator, root, threshold={"upload": 10, "training": 1000}, batch_size=10, time=0.2
+        )
+        with running(config) as runner:
+            for i in range(200):
+                write_image(root / categories[i % 4] / f"img{i:04d}.png", 7000 + i)
+            expected = expected_files(root)
+            ledger = runner.service.ledger
+            assert ledger is not None
+            settled = wait_until(
+                lambda: (
+                    (states := ledger_states(ledger))["uploaded"] + states["rejected"] == 200
+                    and states
+                ),
+                timeout=60,
+                message="every file uploaded or rejected",
+            )
+            assert settled["uploading"] == 0 and settled["pending"] == 0
+        state = emulator.state()
+        assert state["faults"]["fail_in_200"] > 0, "no file was refused: the test tested nothing"
+        rejected = {(r.category, r.sha256) for r in ledger_rows_rejected(config)}
+        held = server_files(emulator)
+        assert state["duplicates"] == []
+        assert held == Counter({key: n for key, n in expected.items() if key not in rejected})
+
+
+def ledger_rows_rejected(config: Any) -> list[Any]:
+    with Ledger(config.ledger_path) as ledger:
+        return ledger.rejected()
 
 
 def test_the_check_fails_when_the_server_holds_a_copy_twice(tmp_path: Path) -> None:

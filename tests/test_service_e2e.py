@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from paiv_sync.api import MviClient, UploadPart
 from paiv_sync.emulator import Emulator, EmulatorOptions
 from paiv_sync.ledger import Ledger
 from tests.e2e import (
@@ -190,6 +191,28 @@ def _fill(root: Path, start: int, per_category: int = 5) -> None:
             )
 
 
+@pytest.mark.parametrize("mode", ["409", "423", "accept"])
+def test_files_dropped_while_a_training_locks_the_dataset_upload_after_it(
+    root: Path, mode: str
+) -> None:
+    options = EmulatorOptions(port=0, training_seconds=120, locked_uploads=mode)
+    with Emulator(options) as emulator, running(_training_config(emulator, root, "train")):
+        _fill(root, 0)
+        wait_until(lambda: emulator.state()["tasks"], timeout=20, message="a training started")
+        for i in range(5):
+            write_image(root / "forest" / f"late{i}.png", 900 + i)
+        if mode != "accept":
+            wait_until(
+                lambda: emulator.state()["faults"].get("locked", 0) >= 2,
+                timeout=20,
+                message="uploads refused while locked, and tried again",
+            )
+            assert server_count(emulator) == 10
+            emulator.finish_trainings()
+        wait_until(lambda: server_count(emulator) == 15, timeout=20, message="late files sent")
+        assert emulator.state()["duplicates"] == []
+
+
 def test_train_sends_create_without_pretrained_model(emulator: Emulator, root: Path) -> None:
     with running(_training_config(emulator, root, "train")):
         _fill(root, 0)
@@ -228,6 +251,34 @@ def test_retrain_uses_last_model_across_restart_one_training_at_a_time(
     tasks = sorted(emulator.state()["tasks"], key=lambda t: t["created_at"])
     assert tasks[1]["pretrained_model"] == first["_id"]
     assert emulator.state()["concurrent_trainings_max"] == 1
+
+
+def test_retrain_on_a_new_ledger_starts_from_the_newest_trained_model_on_the_server(
+    emulator: Emulator, root: Path, tmp_path: Path
+) -> None:
+    # Two models trained by someone else (the web UI, another station); this ledger knows none.
+    emulator.set_options(training_seconds=0)
+    client = MviClient(emulator.url, username="admin", password="passw0rd", timeout=5)
+    with client:
+        dataset = client.create_dataset("tests")
+        parts = []
+        for category in ("forest", "city"):
+            for i in range(5):
+                path = tmp_path / "elsewhere" / f"{category}{i}.png"
+                write_image(path, 500 + i + (50 if category == "city" else 0))
+                parts.append((category, UploadPart(path, path.name, "image/png")))
+        for category in ("forest", "city"):
+            chosen = [p for c, p in parts if c == category]
+            client.upload(dataset, chosen, category_name=category, category_id=None)
+        older = client.start_training(dataset, "older")
+        newer = client.start_training(dataset, "newer", pretrained_model=older)
+    emulator.set_options(training_seconds=0.5)
+    with running(_training_config(emulator, root, "retrain")):
+        _fill(root, 0)
+        wait_until(lambda: len(emulator.state()["tasks"]) == 3, timeout=20)
+    third = emulator.state()["tasks"][2]
+    assert third["pretrained_model"] == newer
+    assert emulator.state()["requests"]["GET /trained-models"] >= 1
 
 
 def test_uploads_during_training_lead_to_exactly_one_more(root: Path) -> None:

@@ -636,6 +636,10 @@ class Emulator:
         """
         self._app.state.set_options(**changes)
 
+    def finish_trainings(self) -> int:
+        """End every running training now; return how many were running."""
+        return self._app.state.finish_trainings()
+
     def revoke_tokens(self) -> None:
         """Revoke every token issued so far (the next call with one gets 401)."""
         self._app.state.revoke_tokens()

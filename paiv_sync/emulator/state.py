@@ -347,6 +347,7 @@ class EmulatorState:
         with self._lock:
             dataset = self._dataset(dataset_id)
             if self.locked_uploads != "accept" and self._locked(dataset):
+                self._product_faults["locked"] += 1
                 raise ApiError(
                     int(self.locked_uploads),
                     fail_body(f"Dataset {dataset_id} is locked while a training runs"),
@@ -623,6 +624,15 @@ class EmulatorState:
                 "tokens_issued": self._tokens_issued,
                 "concurrent_trainings_max": self._concurrent_trainings_max,
             }
+
+    def finish_trainings(self) -> int:
+        """End every running training now (with its outcome); return how many there were."""
+        with self._lock:
+            now = self._monotonic()
+            running = [t for t in self._tasks.values() if t.status(now) == "training"]
+            for task in running:
+                self._tasks[task.id] = dataclasses.replace(task, ends=now)
+        return len(running)
 
     def count_product_fault(self, kind: str) -> None:
         """Count an answer the product gives and the client must handle (``locked``, …)."""
