@@ -1306,6 +1306,18 @@ class MviClient:
                 return
             skip += page_size
 
+    def file_metadata(self, dataset_id: str, file_id: str) -> dict[str, Any]:
+        """Return the user metadata of one file (``GET …/files/{fid}/user-metadata``).
+
+        Raises NotSupportedError on a server without user metadata, NotFoundError when the
+        dataset or file does not exist, other MviErrors otherwise.
+        """
+        path = f"/datasets/{quote(dataset_id, safe='')}/files/{quote(file_id, safe='')}"
+        body = self._get(f"{path}/user-metadata", missing=f"file {file_id}")
+        if not isinstance(body, dict):
+            raise MviError(f"the server at {self._where} answered {path} with a non-object")
+        return body
+
     # ------------------------------------------------------------------ training
 
     def start_training(

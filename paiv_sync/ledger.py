@@ -22,6 +22,7 @@ import os
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -905,6 +906,30 @@ class Ledger:
             (category, UPLOADED, category),
         )
         return {(r[0], int(r[1])): int(r[2]) for r in rows}
+
+    def known_server_ids(self, server_ids: Iterable[str]) -> set[str]:
+        """Those of ``server_ids`` that this ledger recorded as a file it uploaded (earlier
+        contents of replaced files included)."""
+        wanted = list(dict.fromkeys(server_ids))
+        known: set[str] = set()
+        for chunk in _chunks(wanted, _MAX_PARAMS // 2):  # each id is sent twice
+            marks = _marks(len(chunk))
+            rows = self._query(
+                f"SELECT server_file_id FROM files WHERE server_file_id IN ({marks}) "
+                f"UNION SELECT server_file_id FROM replaced_uploads "
+                f"WHERE server_file_id IN ({marks})",
+                (*chunk, *chunk),
+            )
+            known.update(str(r[0]) for r in rows)
+        return known
+
+    def instance_id(self) -> str:
+        """A random id of this ledger, made the first time it is asked for and kept."""
+        value = self.get_meta("instance_id")
+        if value is None:
+            value = uuid.uuid4().hex[:12]
+            self.set_meta("instance_id", value)
+        return value
 
     # -- batches -------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import socket
 import stat
 import threading
 import time
@@ -31,7 +32,7 @@ from paiv_sync.retry import RetryPolicy
 from paiv_sync.scanner import SKIP_NOT_REGULAR, scan, scan_stats
 from paiv_sync.stability import Settled, StabilityGate
 from paiv_sync.trainer import Trainer
-from paiv_sync.uploader import DatasetGone, Uploader, UploadsPaused
+from paiv_sync.uploader import DatasetGone, Uploader, UploadsPaused, UploadTags
 from paiv_sync.watcher import Watcher
 
 log = logging.getLogger(__name__)
@@ -308,6 +309,9 @@ class Service:
             retry=self._retry,
             stop_event=self.stop_event,
             sleep=self._upload_sleep,
+        )
+        self.uploader.tags = UploadTags(
+            host=socket.gethostname(), instance=self.ledger.instance_id()
         )
         self.trainer = Trainer(
             self.client,

@@ -36,16 +36,52 @@ from paiv_sync.api import (
     MviClient,
     MviError,
     NotFoundError,
+    NotSupportedError,
     RequestError,
     TlsError,
     TransientError,
     UploadPart,
+    as_int,
     wire_name,
 )
 from paiv_sync.ledger import FileRow, Ledger
 from paiv_sync.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
+
+
+# The user-metadata keys each upload carries (see docs/configuration.md, "Upload tags").
+TAG_HOST = "paiv_sync_host"
+TAG_INSTANCE = "paiv_sync_instance"
+TAG_BATCH = "paiv_sync_batch"
+TAG_FOLDER = "paiv_sync_folder"
+
+
+@dataclass(frozen=True)
+class UploadTags:
+    """What each upload tells the server of where it came from (as user metadata).
+
+    ``instance`` is the ledger's own random id: with the ledger's batch id it names one batch
+    uniquely across every station feeding the dataset, so a batch whose answer was lost can be
+    looked up on the server as exactly that batch.
+    """
+
+    host: str
+    instance: str
+
+    def batch(self, batch_id: int) -> str:
+        """The tag value of batch ``batch_id``."""
+        return f"{self.instance}:{batch_id}"
+
+    def metadata(self, batch_id: int, rows: Sequence[FileRow]) -> dict[str, str]:
+        """The user metadata of one POST of batch ``batch_id`` (holding ``rows``)."""
+        folders = sorted({os.path.join(r.root, r.rel_path.split("/", 1)[0]) for r in rows})
+        return {
+            TAG_HOST: self.host,
+            TAG_INSTANCE: self.instance,
+            TAG_BATCH: self.batch(batch_id),
+            TAG_FOLDER: "; ".join(folders),
+        }
 
 
 class UploadsPaused(Exception):
@@ -104,6 +140,10 @@ class Uploader:
         # would put them back to ``pending`` and so send them twice.
         self._active_batches: set[int] = set()
         self._active_lock = threading.Lock()
+        # Upload tags, and whether the dataset's server stores and queries them: None until
+        # it was seen (and then kept in the ledger), True or False after.
+        self.tags: UploadTags | None = None
+        self._tag_support: dict[str, bool] = {}
 
     def _category_lock(self, category: str) -> threading.Lock:
         with self._locks_guard:
@@ -206,12 +246,14 @@ class Uploader:
             attempt += 1
             sending = rows[:1] if one_by_one else rows
             started = self._clock()
+            tags = self.tags
             try:
                 results = self.client.upload(
                     dataset_id,
                     [UploadPart(r.file_path, r.upload_name, r.content_type or "") for r in sending],
                     category_name=category,
                     category_id=category_id,
+                    metadata=tags.metadata(batch_id, sending) if tags is not None else None,
                 )
             except AmbiguousError as exc:
                 maybe_sent = True
@@ -296,9 +338,13 @@ class Uploader:
                 )
                 self._backoff(attempt)
                 continue
-            if self._settle_results(
+            settled_all = self._settle_results(
                 sending, results, report, file_failures, batch_id if sending is rows else None
-            ):
+            )
+            stored = next((r.file_id for r in results if r.ok and r.file_id), None)
+            if stored is not None and self.tags_supported(dataset_id) is None:
+                self._learn_tag_support(dataset_id, batch_id, stored)
+            if settled_all:
                 return  # every row of the batch is settled: nothing left to read back
 
     def _ensure_category(self, dataset_id: str, category: str) -> str | None:
@@ -503,7 +549,98 @@ class Uploader:
         done = {fid for fid, _ in found}
         return [r for r in rows if r.id not in done]
 
+    # -- upload tags ---------------------------------------------------------------------
+
+    def tags_supported(self, dataset_id: str) -> bool | None:
+        """Whether the server stores and queries the upload tags (None: not known yet)."""
+        if dataset_id not in self._tag_support:
+            known = self.ledger.get_meta(f"tags_supported:{dataset_id}")
+            if known is None:
+                return None
+            self._tag_support[dataset_id] = known == "yes"
+        return self._tag_support[dataset_id]
+
+    def _learn_tag_support(self, dataset_id: str, batch_id: int, file_id: str) -> None:
+        """After the first upload into a dataset: does the server keep and query our tags?
+
+        Yes when the file just stored carries the batch's tag, a query for that tag finds it,
+        and a query for a tag nobody sent finds nothing (a server that ignores ``query``
+        answers every file). Any other answer is a no; a failure to ask leaves it unknown.
+        """
+        if self.tags is None:
+            return
+        tag = self.tags.batch(batch_id)
+        try:
+            supported = self.client.file_metadata(dataset_id, file_id).get(TAG_BATCH) == tag
+            if supported:
+                found = self.client.list_files(dataset_id, query=_tag_query(tag))
+                nobody = self.client.list_files(dataset_id, query=_tag_query(tag + ":none"))
+                supported = file_id in {f.get("_id") for f in found} and not nobody
+        except NotSupportedError:
+            supported = False
+        except MviError as exc:
+            log.debug("could not check whether the server keeps upload tags: %s", exc)
+            return
+        self._tag_support[dataset_id] = supported
+        self.ledger.set_meta(f"tags_supported:{dataset_id}", "yes" if supported else "no")
+        log.info(
+            "the server %s the upload tags (user metadata): files in doubt are looked up %s",
+            "keeps and queries" if supported else "does not keep or query",
+            "by their batch" if supported else "by name and size in their category",
+        )
+
     def _held_by_server(
+        self, dataset_id: str, category: str, category_id: str, rows: Iterable[FileRow]
+    ) -> list[tuple[int, str | None]]:
+        rows = list(rows)
+        if (
+            self.tags is not None
+            and self.tags_supported(dataset_id)
+            and all(r.batch_id is not None for r in rows)
+        ):
+            return self._held_in_batches(dataset_id, rows)
+        return self._held_by_name_and_size(dataset_id, category, category_id, rows)
+
+    def _held_in_batches(
+        self, dataset_id: str, rows: list[FileRow]
+    ) -> list[tuple[int, str | None]]:
+        """Rows the server holds, asking it for exactly the files of each row's batch.
+
+        Of the files tagged with a batch, those the ledger already records as uploaded are
+        set aside; each row then takes one of the rest with its name and size.
+        """
+        assert self.tags is not None
+        found: list[tuple[int, str | None]] = []
+        by_batch: dict[int, list[FileRow]] = {}
+        for row in rows:
+            assert row.batch_id is not None
+            by_batch.setdefault(row.batch_id, []).append(row)
+        for batch_id, group in by_batch.items():
+            tagged = list(
+                self.client.iter_files(dataset_id, query=_tag_query(self.tags.batch(batch_id)))
+            )
+            listed = {str(f["_id"]) for f in tagged if f.get("_id") is not None}
+            # A row that already names its stored copy (recorded, then put in doubt by a
+            # crash before the commit was on disk) is held when that copy is listed.
+            own = {r.server_file_id for r in group if r.server_file_id in listed}
+            known = self.ledger.known_server_ids(listed - own) - own
+            free: dict[tuple[str, int], list[str | None]] = {}
+            for item in tagged:
+                server_id = item.get("_id")
+                if server_id is not None and str(server_id) in known | own:
+                    continue
+                key = (str(item.get("original_file_name", "")), as_int(item.get("size")))
+                free.setdefault(key, []).append(None if server_id is None else str(server_id))
+            for row in group:
+                if row.server_file_id in own:
+                    found.append((row.id, row.server_file_id))
+                    continue
+                copies = free.get((wire_name(row.upload_name), row.size))
+                if copies:
+                    found.append((row.id, copies.pop(0)))
+        return found
+
+    def _held_by_name_and_size(
         self, dataset_id: str, category: str, category_id: str, rows: Iterable[FileRow]
     ) -> list[tuple[int, str | None]]:
         server: dict[tuple[str, int], list[str | None]] = {}
@@ -516,7 +653,7 @@ class Uploader:
                 if server_id in listed:
                     continue
                 listed.add(server_id)
-            key = (str(item.get("original_file_name", "")), int(item.get("size", -1) or -1))
+            key = (str(item.get("original_file_name", "")), as_int(item.get("size")))
             server.setdefault(key, []).append(server_id)
         # The server records a file under the name it was sent as, which is not always the
         # name on disk (see ``wire_name``): compare names as the server knows them.
@@ -587,7 +724,7 @@ class Uploader:
         if category_id is None:
             return 0  # the dataset has no such category yet: nothing to clash with
         pending = self.ledger.pending(category)
-        found = self._held_by_server(dataset_id, category, str(category_id), pending)
+        found = self._held_by_name_and_size(dataset_id, category, str(category_id), pending)
         found_ids = {fid for fid, _ in found}
         why = "the dataset already holds a file of this name and size"
         self.ledger.mark_duplicates([(fid, why) for fid in found_ids])
@@ -599,3 +736,8 @@ class Uploader:
                 len(found_ids),
             )
         return len(found_ids)
+
+
+def _tag_query(tag: str) -> str:
+    """The ``query`` that finds the files of one batch."""
+    return f'metadata.{TAG_BATCH} == "{tag}"'

@@ -189,6 +189,48 @@ def test_files_refused_inside_a_mixed_answer_are_settled_one_by_one(
         assert held == Counter({key: n for key, n in expected.items() if key not in rejected})
 
 
+def test_a_batch_in_doubt_is_looked_up_by_its_tag_not_fooled_by_a_look_alike(
+    tmp_path: Path,
+) -> None:
+    # Another station put a different image of the same name and size into the category. By
+    # name and size, our unanswered upload of img1.png would pass for stored and never be sent
+    # again; asked for by its batch's tag, the server says it holds nothing of it.
+    root = tmp_path / "images"
+    (root / "forest").mkdir(parents=True)
+    theirs, ours = same_size_pngs()
+    with Emulator(EmulatorOptions(port=0)) as emulator:
+        config = config_for(emulator, root, threshold={"upload": 1, "training": 1000})
+        with running(config) as runner:
+            ledger = runner.service.ledger
+            assert ledger is not None
+            write_image(root / "forest" / "a.png", 1)
+            wait_until(lambda: sum(server_files(emulator).values()) == 1, message="first upload")
+            (dataset,) = emulator.state()["datasets"]
+            wait_until(lambda: ledger.get_meta(f"tags_supported:{dataset['_id']}") == "yes")
+            elsewhere = tmp_path / "elsewhere" / "img1.png"
+            elsewhere.parent.mkdir()
+            elsewhere.write_bytes(theirs)
+            with _client(emulator) as client:
+                client.upload(
+                    dataset["_id"], [_part(elsewhere)], category_name="forest", category_id=None
+                )
+            emulator.set_faults(FaultOptions(drop_rate=1.0, routes=(UPLOAD_ROUTE,)))
+            (root / "forest" / "img1.png").write_bytes(ours)
+            wait_until(lambda: emulator.state()["faults"]["drop"] >= 1, message="a lost answer")
+            emulator.set_faults(FaultOptions())
+            wait_until(
+                lambda: server_files(emulator)[("forest", sha(ours))] == 1,
+                timeout=20,
+                message="our img1.png sent again and stored",
+            )
+        state = emulator.state()
+    tagged = [f for f in state["datasets"][0]["files"] if f["user_metadata"]]
+    assert {f["user_metadata"]["paiv_sync_folder"] for f in tagged} == {str(root / "forest")}
+    assert all(f["user_metadata"]["paiv_sync_host"] for f in tagged)
+    assert len(tagged) == 2 and sum(len(d["files"]) for d in state["datasets"]) == 3
+    assert state["duplicates"] == []
+
+
 def ledger_rows_rejected(config: Any) -> list[Any]:
     with Ledger(config.ledger_path) as ledger:
         return ledger.rejected()
