@@ -13,7 +13,12 @@ import threading
 from collections.abc import Sequence
 from types import FrameType
 
-from paiv_sync.emulator.options import TRAINING_OUTCOMES, EmulatorOptions, FaultOptions
+from paiv_sync.emulator.options import (
+    LOCKED_UPLOADS,
+    TRAINING_OUTCOMES,
+    EmulatorOptions,
+    FaultOptions,
+)
 from paiv_sync.emulator.server import Emulator
 
 log = logging.getLogger(__name__)
@@ -29,16 +34,19 @@ What follows the real product and what is our guess (see docs/emulator.md):
   [doc]    API keys sent as X-Auth-Token with no /tokens (MVI 8.x); 401, 404 and error
            bodies; classification needs 2 categories x 5 images.
   [client] POST /tokens (password grant), paths, JSON fields, multipart "files" parts,
-           zip expansion, per-file resultList, dltasks with usage "cic" / action "create"
-           / pretrained_model, status training -> trained | failed.
+           zip expansion, per-file resultList in a 400 when a file failed, user-metadata,
+           newest-first listings with query terms and sortby, file size as a string and
+           times in epoch ms, dltasks with usage "cic" / action "create" / pretrained_model,
+           status training -> trained | failed, /trained-models, the transient 500 of a
+           finishing task, "Could not find ..." 404s.
   [guess]  token lifetime; 429/5xx/drops (no rate limit is documented); a category_name
            unknown to the dataset is created on upload; duplicate category names are
            refused (400); a pretrained_model that is not a trained task gives 400; a second
            concurrent training is accepted (and counted); a method a path does not serve
            gives 404 (not 405);
-           timestamps are ISO 8601 UTC; lists of tasks are newest first; files may be
-           filtered by a case-insensitive "query" and sorted by "sortby" ("-" = descending);
-           .mp4 is accepted as a video.
+           uploads into a locked dataset (--locked-uploads); dataset, category and task
+           times are ISO 8601 UTC; .mp4 is accepted as a video. Routes it does not model
+           answer 501.
   In API-key mode (--api-key given) /tokens answers 404 and --user is ignored.
 
 On start it prints one line: "paiv-sync emulator serving URL" (plus "with certificate PATH"
@@ -153,6 +161,32 @@ def _parser() -> argparse.ArgumentParser:
         default=defaults.training_outcome,
         help="how tasks end (%(default)s)",
     )
+    product = parser.add_argument_group("how the product answers (defaults follow IBM's clients)")
+    product.add_argument(
+        "--upload-failure-status",
+        type=int,
+        default=defaults.upload_failure_status,
+        metavar="STATUS",
+        help="status of an upload in which some file failed (%(default)s; 200 = inside a 200)",
+    )
+    product.add_argument(
+        "--locked-uploads",
+        choices=LOCKED_UPLOADS,
+        default=defaults.locked_uploads,
+        help="an upload while a training locks the dataset [guess] (%(default)s)",
+    )
+    product.add_argument(
+        "--finishing-error-rate",
+        type=float,
+        default=defaults.finishing_error_rate,
+        metavar="SHARE",
+        help="share of task status requests answered 500 as a task ends (%(default)s)",
+    )
+    product.add_argument(
+        "--strict-tasks",
+        action="store_true",
+        help="refuse dltasks bodies without both usage cic and action create",
+    )
     faults = parser.add_argument_group("fault injection (all off by default)")
     for flag, help_text in (
         ("--error-rate", "share of /api calls answered 500/502/503/504"),
@@ -227,4 +261,8 @@ def _options(args: argparse.Namespace) -> EmulatorOptions:
         training_seconds=args.training_seconds,
         training_outcome=args.training_outcome,
         faults=faults,
+        upload_failure_status=args.upload_failure_status,
+        locked_uploads=args.locked_uploads,
+        finishing_error_rate=args.finishing_error_rate,
+        strict_tasks=args.strict_tasks,
     )

@@ -1,7 +1,7 @@
 """What the emulator keeps of each object, and how each shows itself in answers.
 
 Field names and types follow what IBM's own clients and notes show of the product (see
-docs/mvi-api.md, "What IBM's own clients and tests show"): a file's ``size`` is a string and its
+docs/mvi-api.md, with the evidence for each): a file's ``size`` is a string and its
 ``created_at``/``uploaded_at`` are epoch milliseconds; a task carries no ``completed_at``.
 The introspection views (``state_view``) are our own and keep plain types for the tests.
 """
