@@ -18,6 +18,7 @@ unless both duplicates and lost are 0 (2 when ``--once`` never finished).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -27,6 +28,7 @@ import random
 import re
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -68,6 +70,8 @@ class Tally:
     kills: int = 0
     starts: int = 0
     once_runs: list[int] = field(default_factory=list)
+    trainings: int = 0
+    left: dict[str, int] = field(default_factory=dict)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -104,7 +108,8 @@ def write_config(work: Path, emulator: Emulator, root: Path) -> Path:
             "timeout": 10,
         },
         "recursive": 1,
-        "threshold": {"upload": 20, "training": 100000},
+        # Trainings run (and lock the dataset) while files keep arriving.
+        "threshold": {"upload": 20, "training": 600},
         "skip_duplicates": 1,
         "time": 0.5,
         # Files arrive without a pause: flush at least every 2 s all the same.
@@ -114,7 +119,7 @@ def write_config(work: Path, emulator: Emulator, root: Path) -> Path:
         "upload_workers": 2,
         "rescan_interval": 0,
         "dataset": {"name": "chaos", "action": "append"},
-        "model": {"name": "chaos", "action": "nothing"},
+        "model": {"name": "chaos", "action": "retrain"},
         "folders": [str(root)],
         "ledger": str(work / "state" / "ledger.sqlite3"),
     }
@@ -227,7 +232,17 @@ def run(args: argparse.Namespace, work: Path) -> int:
     for category in CATEGORIES:
         (root / category).mkdir(parents=True, exist_ok=True)
     faults = dataclasses.replace(FAULTS, seed=args.seed)
-    options = EmulatorOptions(port=0, token_lifetime=TOKEN_LIFETIME, faults=faults)
+    # The product's own answers on top of the faults: per-file refusals in a 400 (the default),
+    # uploads refused with 423 while a training locks the dataset, the transient 500 of a task
+    # that is finishing; listings are newest first while files arrive.
+    options = EmulatorOptions(
+        port=0,
+        token_lifetime=TOKEN_LIFETIME,
+        faults=faults,
+        training_seconds=3.0,
+        locked_uploads="423",
+        finishing_error_rate=0.3,
+    )
     tally = Tally()
     started = time.monotonic()
     with Emulator(options) as emulator:
@@ -258,9 +273,21 @@ def run(args: argparse.Namespace, work: Path) -> int:
         held, datasets = server_holds(emulator)
         injected = emulator.state()["faults"]
         requests = emulator.state()["requests"]
+        tally.trainings = len(emulator.state()["tasks"])
     tally.written = writer.written
+    tally.left = ledger_leftovers(work / "state" / "ledger.sqlite3")
     elapsed = time.monotonic() - started
     return report(tally, held, datasets, injected, requests, work, elapsed)
+
+
+def ledger_leftovers(path: Path) -> dict[str, int]:
+    """Rows the ledger still holds ``uploading`` or ``rejected`` once the run is over."""
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        rows = db.execute(
+            "SELECT state, COUNT(*) FROM files WHERE state IN ('uploading', 'rejected') "
+            "GROUP BY state"
+        ).fetchall()
+    return {str(state): int(count) for state, count in rows}
 
 
 def report(
@@ -301,8 +328,13 @@ def report(
         f"  found already stored {sum(found)} files in {len(found)} checks of the dataset "
         "(after a kill or a lost answer): not sent again"
     )
+    print(f"  trainings            {tally.trainings}")
+    print(
+        f"  ledger at the end    {tally.left.get('uploading', 0)} uploading, "
+        f"{tally.left.get('rejected', 0)} rejected"
+    )
     print(f"  wall time            {elapsed:.0f} s")
-    if duplicates or lost:
+    if duplicates or lost or tally.left.get("uploading", 0):
         print(f"FAILED: see {work} (client.log, state/ledger.sqlite3)")
         return 1
     if not tally.once_runs or tally.once_runs[-1] != 0:
