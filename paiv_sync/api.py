@@ -1005,8 +1005,12 @@ class MviClient:
         *,
         params: Mapping[str, str | int] | None = None,
         missing: str | None = None,
+        retry: bool = True,
     ) -> Any:
-        """GET with retries on every TransientError (a GET changes nothing on the server)."""
+        """GET with retries on every TransientError (a GET changes nothing on the server);
+        one try only without ``retry`` (for a question that may as well be asked later)."""
+        if not retry:
+            return self._authorized("GET", path, idempotent=True, params=params, missing=missing)
         return self._retrying(f"GET {path}")(
             self._authorized, "GET", path, idempotent=True, params=params, missing=missing
         )
@@ -1219,8 +1223,10 @@ class MviClient:
         sortby: str | None = None,
         limit: int | None = None,
         skip: int | None = None,
+        retry: bool = True,
     ) -> list[dict[str, Any]]:
-        """Return files of dataset ``dataset_id``, optionally filtered, sorted and paged.
+        """Return files of dataset ``dataset_id``, optionally filtered, sorted and paged
+        (one try only without ``retry``).
 
         ``query`` is MVI's ``field op value`` terms (``original_file_name == "a.jpg"``,
         ``metadata.key == "v"``); ``sortby`` a field, ``"field DESC"`` for descending (the
@@ -1242,6 +1248,7 @@ class MviClient:
             f"/datasets/{quote(dataset_id, safe='')}/files",
             params=params or None,
             missing=f"dataset {dataset_id}",
+            retry=retry,
         )
         return _list_of_dicts(body, f"the files of dataset {dataset_id}", self._where)
 
@@ -1306,14 +1313,15 @@ class MviClient:
                 return
             skip += page_size
 
-    def file_metadata(self, dataset_id: str, file_id: str) -> dict[str, Any]:
-        """Return the user metadata of one file (``GET …/files/{fid}/user-metadata``).
+    def file_metadata(self, dataset_id: str, file_id: str, *, retry: bool = True) -> dict[str, Any]:
+        """Return the user metadata of one file (``GET …/files/{fid}/user-metadata``); one
+        try only without ``retry``.
 
         Raises NotSupportedError on a server without user metadata, NotFoundError when the
         dataset or file does not exist, other MviErrors otherwise.
         """
         path = f"/datasets/{quote(dataset_id, safe='')}/files/{quote(file_id, safe='')}"
-        body = self._get(f"{path}/user-metadata", missing=f"file {file_id}")
+        body = self._get(f"{path}/user-metadata", missing=f"file {file_id}", retry=retry)
         if not isinstance(body, dict):
             raise MviError(f"the server at {self._where} answered {path} with a non-object")
         return body

@@ -571,10 +571,14 @@ class Uploader:
             return
         tag = self.tags.batch(batch_id)
         try:
-            supported = self.client.file_metadata(dataset_id, file_id).get(TAG_BATCH) == tag
+            # One try each: the uploads must not wait on this; unknown means "ask again later".
+            metadata = self.client.file_metadata(dataset_id, file_id, retry=False)
+            supported = metadata.get(TAG_BATCH) == tag
             if supported:
-                found = self.client.list_files(dataset_id, query=_tag_query(tag))
-                nobody = self.client.list_files(dataset_id, query=_tag_query(tag + ":none"))
+                found = self.client.list_files(dataset_id, query=_tag_query(tag), retry=False)
+                nobody = self.client.list_files(
+                    dataset_id, query=_tag_query(tag + ":none"), retry=False
+                )
                 supported = file_id in {f.get("_id") for f in found} and not nobody
         except NotSupportedError:
             supported = False

@@ -125,6 +125,9 @@ def _uploaded(ledger_path: Path) -> dict[str, dict[str, int]]:
         return ledger.counts()
 
 
+UPLOADS = "POST /datasets/{id}/files"
+
+
 def test_sigkill_at_random_moments_under_faults_then_exactly_once(
     root: Path, tmp_path: Path, cli_log: Path
 ) -> None:
@@ -165,8 +168,28 @@ def test_sigkill_at_random_moments_under_faults_then_exactly_once(
                 kills += 1
             thread.join(30)
             assert not thread.is_alive()
-            # The server recovers; one --once settles what is in doubt and sends the rest.
+            written = 180
             injected = emulator.state()["faults"]
+            if not (injected["store_then_drop"] and injected["drop"]):
+                # On a loaded machine the kills may come before enough uploads were made for
+                # the rates to draw the dangerous faults. Aim them at uploads of a few more
+                # files, and kill the service once the server really lost an answer.
+                emulator.set_faults(
+                    FaultOptions(drop_rate=0.3, store_then_drop_rate=0.5, seed=5, routes=(UPLOADS,))
+                )
+                for i in range(180, 192):
+                    write_image(root / ("forest", "city", "sea")[i % 3] / f"img{i:04d}.png", i)
+                written = 192
+                cli.start()
+                wait_until(
+                    lambda: all(emulator.state()["faults"][k] for k in ("store_then_drop", "drop")),
+                    timeout=60,
+                    message="a dropped and a stored-then-dropped upload",
+                )
+                cli.kill()
+                kills += 1
+                injected = emulator.state()["faults"]
+            # The server recovers; one --once settles what is in doubt and sends the rest.
             emulator.set_faults(FaultOptions())
             code = cli.run_once()
             assert code == 0, f"--once did not finish cleanly:\n{cli.output()[-4000:]}"
@@ -175,11 +198,11 @@ def test_sigkill_at_random_moments_under_faults_then_exactly_once(
             thread.join(30)
             cli.ensure_dead()
         expected = expected_files(root)
-        assert sum(expected.values()) == 180
+        assert sum(expected.values()) == written
         assert_exactly_once(emulator, expected)
     counts = _uploaded(tmp_path / "state" / "ledger.sqlite3")
-    assert sum(c["uploaded"] for c in counts.values()) == 180, counts
-    assert kills == 5
+    assert sum(c["uploaded"] for c in counts.values()) == written, counts
+    assert kills >= 5
     assert injected["store_then_drop"] > 0 and injected["drop"] > 0, injected
 
 
