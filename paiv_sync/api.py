@@ -56,6 +56,7 @@ __all__ = [
     "UploadPart",
     "as_int",
     "epoch_seconds",
+    "newest",
     "wire_name",
 ]
 
@@ -372,6 +373,16 @@ def epoch_seconds(value: object) -> float | None:
             moment = moment.replace(tzinfo=datetime.timezone.utc)
         return moment.timestamp()
     return None
+
+
+def newest(items: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
+    """The item created last, by ``created_at`` in any of the forms ``epoch_seconds`` reads.
+
+    Takes a non-empty list as the server gave it; on a tie or a missing time the earlier item
+    wins, as servers list datasets, tasks and models newest first. Raises ValueError when
+    ``items`` is empty.
+    """
+    return max(items, key=lambda item: epoch_seconds(item.get("created_at")) or 0.0)
 
 
 def _strip_userinfo(url: str) -> str:

@@ -380,7 +380,7 @@ def _run(config: Config, *, once: bool, health_port: int | None = None) -> int:
 
 
 def _check(config: Config) -> int:
-    from paiv_sync.api import MviError
+    from paiv_sync.api import MviError, newest
     from paiv_sync.retry import RetryPolicy
     from paiv_sync.service import make_client
 
@@ -400,10 +400,10 @@ def _check(config: Config) -> int:
     if config.dataset_action == "create":
         print(f"dataset: a new dataset {config.dataset_name}-<date-time> will be created at start")
     elif same_name:
-        newest = max(same_name, key=lambda d: str(d.get("created_at", "")))
+        chosen = newest(same_name)
         print(
-            f"dataset: {config.dataset_name!r} found (id {newest.get('_id')}, "
-            f"{newest.get('total_file_count', '?')} files)"
+            f"dataset: {config.dataset_name!r} found (id {chosen.get('_id')}, "
+            f"{chosen.get('total_file_count', '?')} files)"
         )
     else:
         print(f"dataset: {config.dataset_name!r} not found; it will be created at start")

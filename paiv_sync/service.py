@@ -22,7 +22,7 @@ from datetime import datetime
 from pathlib import Path
 
 from paiv_sync import ledger as states
-from paiv_sync.api import AuthError, MviClient, MviError, NotFoundError, TlsError
+from paiv_sync.api import AuthError, MviClient, MviError, NotFoundError, TlsError, newest
 from paiv_sync.batcher import Debouncer, batches
 from paiv_sync.config import Config
 from paiv_sync.images import Inspection, content_type, inspect_image
@@ -800,8 +800,8 @@ class Service:
                 d for d in self.client.list_datasets() if d.get("name") == cfg.dataset_name
             ]
             if same_name:
-                newest = max(same_name, key=lambda d: str(d.get("created_at", "")))
-                dataset_id = str(newest["_id"])
+                chosen = newest(same_name)
+                dataset_id = str(chosen["_id"])
                 log.info("using dataset %r (id %s)", cfg.dataset_name, dataset_id)
             else:
                 dataset_id = self.client.create_dataset(cfg.dataset_name)

@@ -28,7 +28,7 @@ from paiv_sync.api import (
     RequestError,
     TlsError,
     TransientError,
-    epoch_seconds,
+    newest,
 )
 from paiv_sync.ledger import Ledger, TrainingRow
 
@@ -231,13 +231,7 @@ class Trainer:
         if not trained:
             log.info("retrain: no trained model yet for dataset %s; training a new one", dataset_id)
             return None
-        # Times come as epoch milliseconds or ISO text; the list's own order (newest first)
-        # settles a tie or a missing time.
-        ranked = enumerate(trained)
-        _, newest = max(
-            ranked, key=lambda it: (epoch_seconds(it[1].get("created_at")) or 0.0, -it[0])
-        )
-        model_id = newest.get("_id")
+        model_id = newest(trained).get("_id")
         return str(model_id) if model_id else None
 
     # -- following a task ----------------------------------------------------------------

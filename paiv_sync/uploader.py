@@ -341,9 +341,10 @@ class Uploader:
             settled_all = self._settle_results(
                 sending, results, report, file_failures, batch_id if sending is rows else None
             )
-            stored = next((r.file_id for r in results if r.ok and r.file_id), None)
-            if stored is not None and self.tags_supported(dataset_id) is None:
-                self._learn_tag_support(dataset_id, batch_id, stored)
+            if self.tags is not None and self.tags_supported(dataset_id) is None:
+                stored = next((r.file_id for r in results if r.ok and r.file_id), None)
+                if stored is not None:
+                    self._learn_tag_support(dataset_id, batch_id, stored)
             if settled_all:
                 return  # every row of the batch is settled: nothing left to read back
 
@@ -627,11 +628,11 @@ class Uploader:
             # A row that already names its stored copy (recorded, then put in doubt by a
             # crash before the commit was on disk) is held when that copy is listed.
             own = {r.server_file_id for r in group if r.server_file_id in listed}
-            known = self.ledger.known_server_ids(listed - own) - own
+            set_aside = self.ledger.known_server_ids(listed - own) | own
             free: dict[tuple[str, int], list[str | None]] = {}
             for item in tagged:
                 server_id = item.get("_id")
-                if server_id is not None and str(server_id) in known | own:
+                if server_id is not None and str(server_id) in set_aside:
                     continue
                 key = (str(item.get("original_file_name", "")), as_int(item.get("size")))
                 free.setdefault(key, []).append(None if server_id is None else str(server_id))

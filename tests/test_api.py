@@ -731,3 +731,17 @@ def test_results_are_frozen() -> None:
     with pytest.raises(AttributeError):
         result.ok = False  # type: ignore[misc]
     assert issubclass(AmbiguousError, TransientError) and issubclass(TransientError, MviError)
+
+
+def test_newest_reads_epoch_ms_epoch_seconds_and_iso_and_keeps_the_first_on_a_tie() -> None:
+    from paiv_sync.api import newest
+
+    # As strings, "2024-…" sorts above "1714…" and "9…" above "1…": the times must be read.
+    items = [
+        {"_id": "iso", "created_at": "2024-05-01T12:00:00.000Z"},
+        {"_id": "ms", "created_at": 1714564800500},  # half a second later, in epoch ms
+        {"_id": "seconds", "created_at": 999999999},  # 2001
+        {"_id": "none"},
+    ]
+    assert newest(items)["_id"] == "ms"
+    assert newest([{"_id": "a", "created_at": 5}, {"_id": "b", "created_at": 5}])["_id"] == "a"
