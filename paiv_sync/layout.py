@@ -22,10 +22,13 @@ __all__ = [
     "SKIP_IN_ROOT",
     "SKIP_NESTED",
     "SKIP_OUTSIDE",
+    "SKIP_UNDECODABLE",
     "Layout",
     "Location",
     "Skip",
     "is_ignored_name",
+    "is_undecodable",
+    "shown",
 ]
 
 DEFAULT_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png")
@@ -70,6 +73,33 @@ SKIP_IGNORED = Skip("ignored name", warn=False)
 SKIP_EXTENSION = Skip("extension not accepted", warn=False)
 SKIP_IN_ROOT = Skip("directly in a root folder, not in a category folder", warn=True)
 SKIP_NESTED = Skip("nested folder and recursive is off", warn=True)
+SKIP_UNDECODABLE = Skip(
+    "its name is not valid UTF-8 (written in an older encoding such as Latin-1); the ledger and "
+    "the server take UTF-8 names only, so rename it (for example with convmv) to have it uploaded",
+    warn=True,
+)
+
+
+def is_undecodable(name: str) -> bool:
+    """Tell whether a name read from the disk holds bytes that are not UTF-8.
+
+    Python reads such bytes as lone surrogates (``"caf\udce9.png"``), which neither SQLite
+    nor an HTTP header can carry. ASCII names, almost all of them, are answered at once.
+    """
+    if name.isascii():
+        return False
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def shown(path: str) -> str:
+    """A path as a log line can show it: bytes that are not UTF-8 as ``\xe9``."""
+    if not is_undecodable(path):
+        return path
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def is_ignored_name(name: str) -> bool:
@@ -184,8 +214,8 @@ class Layout:
 
         Returns a :class:`Location` for a file that should be taken, else a :class:`Skip` whose
         reason is one of: outside every root, ignored name (any component below the root is
-        hidden or temporary), extension not accepted, directly in a root folder, nested folder
-        and recursive is off.
+        hidden or temporary), a name that is not valid UTF-8, extension not accepted, directly
+        in a root folder, nested folder and recursive is off.
         """
         found = self.split(path)
         if found is None or not found[1]:
@@ -194,6 +224,9 @@ class Layout:
         for part in parts:
             if is_ignored_name(part):
                 return SKIP_IGNORED
+        for part in parts:
+            if is_undecodable(part):
+                return SKIP_UNDECODABLE
         if not self.accepts_extension(parts[-1]):
             return SKIP_EXTENSION
         if len(parts) == 1:

@@ -28,10 +28,12 @@ from paiv_sync.layout import (
     SKIP_IN_ROOT,
     SKIP_NESTED,
     SKIP_OUTSIDE,
+    SKIP_UNDECODABLE,
     Layout,
     Location,
     Skip,
     is_ignored_name,
+    is_undecodable,
 )
 
 __all__ = [
@@ -213,6 +215,16 @@ class _Walk:
             # EIO, ESTALE and friends on network shares: skip this time, the next scan retries.
             logger.warning("cannot read folder %s: %s; skipped", directory.path, exc)
             return None
+        if not all(entry.name.isascii() for entry in entries):
+            # A name that is not UTF-8 cannot be recorded or sent: skip it (a folder with
+            # all it holds), say so, and go on with the others.
+            kept = []
+            for entry in entries:
+                if is_undecodable(entry.name):
+                    self.skip(entry.path, SKIP_UNDECODABLE)
+                else:
+                    kept.append(entry)
+            entries = kept
         entries.sort(key=_walk_key)
         if self.follow_symlinks:
             # Links after the real entries, so that a real folder is walked under its own
@@ -376,6 +388,10 @@ def _start_dir(walk: _Walk, layout: Layout, parts: list[str], start: str) -> _Di
     for part in parts:
         if is_ignored_name(part):
             walk.skip(start, SKIP_IGNORED)
+            return None
+    for part in parts:
+        if is_undecodable(part):
+            walk.skip(start, SKIP_UNDECODABLE)
             return None
     try:
         info = os.stat(start, follow_symlinks=False)

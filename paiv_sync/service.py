@@ -26,7 +26,7 @@ from paiv_sync.api import AuthError, MviClient, MviError, NotFoundError, TlsErro
 from paiv_sync.batcher import Debouncer, batches
 from paiv_sync.config import Config
 from paiv_sync.images import Inspection, content_type, inspect_image
-from paiv_sync.layout import Layout, Location, Skip
+from paiv_sync.layout import Layout, Location, Skip, shown
 from paiv_sync.ledger import Ledger, LedgerError, NewFile, Outcome
 from paiv_sync.retry import RetryPolicy
 from paiv_sync.scanner import SKIP_NOT_REGULAR, scan, scan_stats
@@ -447,7 +447,7 @@ class Service:
             if len(self._warned) > 100_000:
                 self._warned.clear()
             self._warned.add(path)
-            log.warning("%s skipped: %s", path, skip.reason)
+            log.warning("%s skipped: %s", shown(path), skip.reason)
 
     def _supervise(self) -> None:
         watcher = self.watcher

@@ -317,6 +317,51 @@ def test_unusual_names_arrive_once_each(
     assert lines(logs) == []
 
 
+def _undecodable_names_allowed(folder: Path) -> bool:
+    """Whether this file system stores names that are not UTF-8 (Linux does, macOS does not)."""
+    try:
+        probe = os.fsencode(folder) + b"/probe\xe9"
+        with open(probe, "wb"):
+            pass
+        os.unlink(probe)
+    except OSError:
+        return False
+    return True
+
+
+def test_names_that_are_not_utf8_are_skipped_and_the_others_go_on(
+    emulator: Emulator, root: Path, logs: pytest.LogCaptureFixture
+) -> None:
+    if not _undecodable_names_allowed(root):
+        pytest.skip("this file system refuses names that are not UTF-8")
+    base = os.fsencode(root)
+    # Latin-1 names, as old NAS shares and Samba mounts hold them: one file, one folder.
+    with open(base + b"/forest/caf\xe9.png", "wb") as handle:
+        handle.write(make_png(8, 8, seed=1))
+    os.mkdir(base + b"/b\xe9ton")
+    with open(base + b"/b\xe9ton/x.png", "wb") as handle:
+        handle.write(make_png(8, 8, seed=2))
+    before = write_image(root / "forest" / "ok.png", 3)
+    with service_running(cfg(emulator, root)) as service:
+        wait_until(lambda: server_count(emulator) == 1, timeout=10, message="ok.png uploaded")
+        # One created while the service runs, then a good one after it.
+        with open(base + b"/city/cr\xe8me.png", "wb") as handle:
+            handle.write(make_png(8, 8, seed=4))
+        after = write_image(root / "city" / "ok.png", 5)
+        wait_until(lambda: server_count(emulator) == 2, timeout=10, message="city/ok.png")
+        wait_until(
+            lambda: any("cr\\xe8me.png skipped" in line for line in lines(logs)),
+            timeout=10,
+            message="the warning for the file created at run time",
+        )
+        counts = nonzero(ledger_of(service).counts())
+    assert dict(server_files(emulator)) == {("forest", sha(before)): 1, ("city", sha(after)): 1}
+    assert counts == {"forest": {"uploaded": 1}, "city": {"uploaded": 1}}
+    skipped = sorted(line.split(" skipped: ")[0].rsplit("/", 2)[-2:][-1] for line in lines(logs))
+    assert skipped == ["b\\xe9ton", "caf\\xe9.png", "cr\\xe8me.png"]
+    assert all("not valid UTF-8" in line and "convmv" in line for line in lines(logs))
+
+
 # -- links -------------------------------------------------------------------------------
 
 
@@ -553,7 +598,14 @@ def test_file_changed_after_upload_is_uploaded_as_a_new_image(
         os.utime(root / "forest" / "a.png")  # touched, same content: nothing to send
         new = write_image(root / "forest" / "a.png", 2)
         wait_until(lambda: server_count(emulator) == 2, timeout=10)
-        row = ledger_of(service).lookup(str(root), "forest/a.png")
+        # The server holds it before the ledger records the answer: wait for the row.
+        row = wait_until(
+            lambda: (r := ledger_of(service).lookup(str(root), "forest/a.png"))
+            and r.state == "uploaded"
+            and r,
+            timeout=10,
+            message="the new content recorded as uploaded",
+        )
     assert dict(server_files(emulator)) == {("forest", sha(old)): 1, ("forest", sha(new)): 1}
     assert row is not None and row.sha256 == sha(new) and row.state == "uploaded"
 
