@@ -130,6 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
     _common(check, suppress=True)
     status = commands.add_parser("status", help="show where every category's files stand")
     _common(status, suppress=True)
+    rebind = commands.add_parser(
+        "rebind",
+        help="keep the ledger when the server's address or the dataset's name has changed",
+    )
+    _common(rebind, suppress=True)
     demo = commands.add_parser("demo", help="a self-contained run against the built-in emulator")
     _common(demo, suppress=True)
     service = commands.add_parser(
@@ -183,6 +188,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _check(config)
     if args.command == "status":
         return _status(config)
+    if args.command == "rebind":
+        return _rebind(config)
     port = args.health_port if args.health_port is not None else config.health_port
     return _run(config, once=args.once, health_port=port)
 
@@ -410,6 +417,32 @@ def _check(config: Config) -> int:
     for folder in config.folders:
         print(f"folder: {folder}")
     print(f"ledger: {config.ledger_path}")
+    return EXIT_OK
+
+
+def _rebind(config: Config) -> int:
+    """Record the configuration's server and dataset name in its ledger, keeping every row."""
+    from paiv_sync.ledger import Ledger, LedgerError
+
+    if not config.ledger_path.exists():
+        print(f"rebind: no ledger at {config.ledger_path}: nothing to keep", file=sys.stderr)
+        return EXIT_FAILED
+    try:
+        ledger = Ledger(config.ledger_path)
+    except LedgerError as exc:
+        print(f"rebind: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    try:
+        before = ledger.get_meta("endpoint"), ledger.get_meta("dataset_config_name")
+        ledger.bind(endpoint=config.base_url, dataset_name=config.dataset_name)
+        if config.source is not None:
+            ledger.set_meta("config_path", str(Path(os.path.abspath(config.source))))  # noqa: PTH100
+    finally:
+        ledger.close()
+    print(f"ledger: {config.ledger_path}")
+    print(f"server: {before[0] or '(none recorded)'} -> {config.base_url}")
+    print(f"dataset: {before[1] or '(none recorded)'} -> {config.dataset_name}")
+    print("the ledger keeps every file it recorded; the dataset it fed is looked up by its id")
     return EXIT_OK
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import hashlib
 import json
 import logging
 import math
@@ -122,6 +123,9 @@ class Config:
     strategy: Mapping[str, Any]
     ledger_path: Path
     warnings: tuple[str, ...]
+    # The ledger this configuration shared, by the default path of earlier versions, with
+    # another configuration of the same file name (see _read_ledger); None otherwise.
+    ledger_shared_before: Path | None = None
     health_port: int | None = None  # serve /healthz and /metrics on 127.0.0.1:PORT
     retry_initial: float = 1.0  # first back-off wait, seconds
     retry_maximum: float = 60.0  # cap of the exponential back-off, seconds
@@ -736,7 +740,7 @@ def _parse(
         model.error("strategy", f"must be an object ({{…}}), got {_kind(strategy_value)}")
     model.finish()
 
-    ledger_path = _read_ledger(top, source, base_dir, env)
+    ledger_path, ledger_shared_before = _read_ledger(top, source, base_dir, env)
     top.finish()
 
     if report.errors:
@@ -778,6 +782,7 @@ def _parse(
         model_action=model_action,
         strategy=MappingProxyType(strategy),
         ledger_path=ledger_path,
+        ledger_shared_before=ledger_shared_before,
         warnings=tuple(report.warnings),
     )
 
@@ -1083,24 +1088,48 @@ def _read_categories(top: _Section) -> dict[str, str]:
 
 def _read_ledger(
     top: _Section, source: Path | None, base_dir: Path, env: Mapping[str, str]
-) -> Path:
-    name = f"{source.stem if source is not None else 'paiv-sync'}.ledger.sqlite3"
+) -> tuple[Path, Path | None]:
+    """The ledger's path, and the ledger shared before with another configuration, if any.
+
+    The default name is ``<config name>-<digest of the config's absolute path>``, so that
+    ``cam1/configuration.json`` and ``cam2/configuration.json`` never share a ledger. Earlier
+    versions used ``<config name>.ledger.sqlite3``: such a file is kept by the configuration
+    it records as its owner (or by the first one to run, when it records none).
+    """
     value = top.get("ledger")
     if value is not _MISSING:
         if isinstance(value, str) and value.strip():
             path = _expand(value.strip(), base_dir, env)
             if path.is_dir():
                 top.error("ledger", f"{path} is a folder; give the path of the ledger file")
-            return path
+            return path, None
         top.error("ledger", f"must be a non-empty string (a file path), got {_shown(value)}")
+    folder = _state_folder(env)
+    if source is None:
+        return folder / "paiv-sync.ledger.sqlite3", None
+    absolute = str(Path(os.path.abspath(source)))  # noqa: PTH100 - as given, links kept
+    digest = hashlib.sha256(absolute.encode("utf-8", "surrogateescape")).hexdigest()[:10]
+    own = folder / f"{source.stem}-{digest}.ledger.sqlite3"
+    legacy = folder / f"{source.stem}.ledger.sqlite3"
+    if own.exists() or not legacy.exists():
+        return own, None
+    from paiv_sync.ledger import recorded_owner
 
+    owner = recorded_owner(legacy)
+    if owner is None or owner == absolute:
+        return legacy, None
+    return own, legacy
+
+
+def _state_folder(env: Mapping[str, str]) -> Path:
+    """Where default ledgers live (see docs/configuration.md, "State")."""
     # systemd's StateDirectory= may list several directories, colon-separated.
     state_dir = env.get("STATE_DIRECTORY", "").split(":")[0]
     if state_dir:
-        return Path(state_dir) / name
+        return Path(state_dir)
     xdg = env.get("XDG_STATE_HOME", "")
     # The XDG spec says a relative value is invalid and must be ignored.
     if xdg and Path(xdg).is_absolute():
-        return Path(xdg) / "paiv-sync" / name
+        return Path(xdg) / "paiv-sync"
     home = env.get("HOME") or str(Path.home())
-    return Path(home) / ".local" / "state" / "paiv-sync" / name
+    return Path(home) / ".local" / "state" / "paiv-sync"

@@ -119,11 +119,32 @@ class LedgerCorrupt(LedgerError):
     """The ledger's database file is damaged (not a database, or malformed)."""
 
 
+class LedgerMismatch(LedgerError):
+    """The ledger records another server or dataset than the configuration names."""
+
+
 # SQLite's primary result codes for a damaged file: SQLITE_CORRUPT and SQLITE_NOTADB.
 _CORRUPT_CODES = (11, 26)
 
 # Why a row is in doubt after the ledger was rebuilt: the server may hold the file already.
 RECOVERED_REASON = "ledger rebuilt: to be checked against the dataset before any upload"
+
+
+def recorded_owner(path: Path) -> str | None:
+    """The configuration file the ledger at ``path`` records as its own, or None.
+
+    None too when it records none (written by an earlier version) or cannot be read: the
+    ledger's own checks at open say what is wrong with it.
+    """
+    try:
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            row = db.execute("SELECT value FROM meta WHERE key = 'config_path'").fetchone()
+        finally:
+            db.close()
+    except (sqlite3.Error, OSError):
+        return None
+    return str(row[0]) if row else None
 
 
 @dataclass(frozen=True)
@@ -506,6 +527,54 @@ class Ledger:
         It stays true across restarts until ``end_recovery``.
         """
         return self._recovering
+
+    def start_recovery(self) -> None:
+        """Record every file found from now on as in doubt, as after a rebuild.
+
+        For a new ledger whose files may already be in the dataset (see ``open_or_recover``).
+        """
+        self.set_meta("recovering", str(self._clock()))
+        self._recovering = True
+
+    def is_new(self) -> bool:
+        """True while the ledger records no file and no dataset."""
+        return (
+            not self._query("SELECT 1 FROM files LIMIT 1") and self.get_meta("dataset_id") is None
+        )
+
+    def check_binding(self, *, endpoint: str, dataset_name: str, config_path: str | None) -> None:
+        """Refuse a configuration for another server or dataset than this ledger fed.
+
+        A ledger's rows say what one dataset holds: fed into another, they would keep its
+        files from being sent (or send the wrong ones). Records ``config_path`` as the
+        ledger's owner. Raises LedgerMismatch with what to do.
+        """
+        fed = self.get_meta("endpoint"), self.get_meta("dataset_config_name")
+        wrong = []
+        if fed[0] is not None and fed[0] != endpoint:
+            wrong.append(f"the server {fed[0]}, not {endpoint}")
+        if fed[1] is not None and fed[1] != dataset_name:
+            wrong.append(f"the dataset {fed[1]!r}, not {dataset_name!r}")
+        if wrong:
+            raise LedgerMismatch(
+                f"ledger {self.path} records uploads to {' and '.join(wrong)} as the "
+                "configuration says. A ledger belongs to one dataset, so it is not used for "
+                "another. If the server only has a new address, or the dataset was renamed on "
+                "the server, run `paiv-sync rebind --config FILE` to keep this ledger. To feed "
+                "the new dataset from scratch instead, give the configuration its own ledger "
+                '(the "ledger" key): every file will be checked and uploaded there.'
+            )
+        if config_path is not None and self.get_meta("config_path") != config_path:
+            self.set_meta("config_path", config_path)
+
+    def bind(self, *, endpoint: str, dataset_name: str) -> None:
+        """Record the server and the dataset name this ledger feeds."""
+        with self._transaction() as db:
+            db.executemany(
+                "INSERT INTO meta (key, value) VALUES (?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                [("endpoint", endpoint), ("dataset_config_name", dataset_name)],
+            )
 
     def end_recovery(self) -> None:
         """Every file on disk has been recorded after a rebuild: new files are pending again."""

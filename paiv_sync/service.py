@@ -27,7 +27,7 @@ from paiv_sync.batcher import Debouncer, batches
 from paiv_sync.config import Config
 from paiv_sync.images import Inspection, content_type, inspect_image
 from paiv_sync.layout import Layout, Location, Skip, shown
-from paiv_sync.ledger import Ledger, LedgerError, NewFile, Outcome
+from paiv_sync.ledger import Ledger, LedgerError, LedgerMismatch, NewFile, Outcome
 from paiv_sync.retry import RetryPolicy
 from paiv_sync.scanner import SKIP_NOT_REGULAR, scan, scan_stats
 from paiv_sync.stability import Settled, StabilityGate
@@ -253,6 +253,27 @@ class Service:
         except LedgerError as exc:
             log.error("%s", exc)
             return 1
+        try:
+            self.ledger.check_binding(
+                endpoint=self.config.base_url,
+                dataset_name=self.config.dataset_name,
+                config_path=_config_path(self.config),
+            )
+        except LedgerMismatch as exc:
+            log.error("%s", exc)
+            self.ledger.close()
+            return 2
+        shared = self.config.ledger_shared_before
+        if shared is not None and self.ledger.is_new():
+            log.warning(
+                "earlier versions kept this configuration's ledger in %s, shared with another "
+                "configuration of the same file name; this one now has its own ledger, %s, and "
+                "checks every file against the dataset before uploading, so that nothing the "
+                "dataset holds is sent again",
+                shared,
+                self.config.ledger_path,
+            )
+            self.ledger.start_recovery()
         try:
             self._build()
             log.info(
@@ -818,7 +839,7 @@ class Service:
                     again,
                 )
         self.ledger.set_meta("dataset_id", dataset_id)
-        self.ledger.set_meta("dataset_config_name", cfg.dataset_name)
+        self.ledger.bind(endpoint=cfg.base_url, dataset_name=cfg.dataset_name)
         return dataset_id
 
     def _run_watchdog(self, interval: float) -> None:
@@ -1223,3 +1244,10 @@ class Service:
             self.summary.pending_left,
         )
         return 1 if self.summary.pending_left or self.summary.rejected or self._lost.is_set() else 0
+
+
+def _config_path(config: Config) -> str | None:
+    """The configuration file's absolute path (links kept), as the ledger records its owner."""
+    if config.source is None:
+        return None
+    return str(Path(os.path.abspath(config.source)))  # noqa: PTH100 - as in config._read_ledger

@@ -323,7 +323,7 @@ def _undecodable_names_allowed(folder: Path) -> bool:
         probe = os.fsencode(folder) + b"/probe\xe9"
         with open(probe, "wb"):
             pass
-        os.unlink(probe)
+        os.unlink(probe)  # noqa: PTH108 - a bytes path, which Path cannot hold
     except OSError:
         return False
     return True
@@ -338,7 +338,7 @@ def test_names_that_are_not_utf8_are_skipped_and_the_others_go_on(
     # Latin-1 names, as old NAS shares and Samba mounts hold them: one file, one folder.
     with open(base + b"/forest/caf\xe9.png", "wb") as handle:
         handle.write(make_png(8, 8, seed=1))
-    os.mkdir(base + b"/b\xe9ton")
+    os.mkdir(base + b"/b\xe9ton")  # noqa: PTH102 - a bytes path
     with open(base + b"/b\xe9ton/x.png", "wb") as handle:
         handle.write(make_png(8, 8, seed=2))
     before = write_image(root / "forest" / "ok.png", 3)
@@ -600,9 +600,11 @@ def test_file_changed_after_upload_is_uploaded_as_a_new_image(
         wait_until(lambda: server_count(emulator) == 2, timeout=10)
         # The server holds it before the ledger records the answer: wait for the row.
         row = wait_until(
-            lambda: (r := ledger_of(service).lookup(str(root), "forest/a.png"))
-            and r.state == "uploaded"
-            and r,
+            lambda: (
+                (r := ledger_of(service).lookup(str(root), "forest/a.png"))
+                and r.state == "uploaded"
+                and r
+            ),
             timeout=10,
             message="the new content recorded as uploaded",
         )

@@ -287,3 +287,99 @@ def test_log_formats_json_and_journald(emulator: Emulator, tree: Path) -> None:
         line.startswith("<6>") and "authenticated as admin" in line
         for line in proc.stderr.splitlines()
     )
+
+
+# -- one ledger per configuration (docs/what-happens-when.md, 26a and 26b) -----------------
+
+
+def _station(tmp_path: Path, emulator: Emulator, name: str) -> tuple[Path, Path]:
+    """``<name>/configuration.json`` feeding dataset ``name``, with the default ledger path."""
+    root = tmp_path / name / "images"
+    (root / "forest").mkdir(parents=True)
+    data = base_config(
+        emulator, root, dataset={"name": name}, threshold={"upload": 1, "training": 1000}
+    )
+    del data["ledger"]
+    return write_config(tmp_path / name / "configuration.json", data), root
+
+
+def _held(emulator: Emulator) -> dict[str, list[str]]:
+    """``dataset name -> sorted sha256 of its files``."""
+    return {
+        d["name"]: sorted(f["sha256"] for f in d["files"]) for d in emulator.state()["datasets"]
+    }
+
+
+def _once(config: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    proc = paiv("--config", str(config), "--once", env=env)
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def test_two_configurations_of_one_file_name_keep_their_own_ledgers(
+    tmp_path: Path, emulator: Emulator
+) -> None:
+    env = ENV | {"STATE_DIRECTORY": str(tmp_path / "state")}
+    cam1, root1 = _station(tmp_path, emulator, "cam1")
+    cam2, root2 = _station(tmp_path, emulator, "cam2")
+    a = write_image(root1 / "forest" / "a.png", 1)
+    b = write_image(root2 / "forest" / "b.png", 2)
+    _once(cam1, env)
+    _once(cam2, env)
+    c = write_image(root1 / "forest" / "c.png", 3)
+    _once(cam1, env)
+    _once(cam2, env)
+    assert _held(emulator) == {"cam1": sorted([sha(a), sha(c)]), "cam2": [sha(b)]}
+    assert len(list((tmp_path / "state").glob("configuration-*.ledger.sqlite3"))) == 2
+
+
+def test_a_ledger_refuses_another_dataset_until_rebound(tmp_path: Path, emulator: Emulator) -> None:
+    env = ENV | {"STATE_DIRECTORY": str(tmp_path / "state")}
+    cam1, root = _station(tmp_path, emulator, "cam1")
+    a = write_image(root / "forest" / "a.png", 1)
+    _once(cam1, env)
+    data = json.loads(cam1.read_text())
+    data["dataset"] = {"name": "renamed"}
+    write_config(cam1, data)
+    b = write_image(root / "forest" / "b.png", 2)
+    proc = paiv("--config", str(cam1), "--once", env=env)
+    assert proc.returncode == 2
+    assert "records uploads to the dataset 'cam1', not 'renamed'" in proc.stderr
+    assert "paiv-sync rebind" in proc.stderr and "Traceback" not in proc.stderr
+    assert _held(emulator) == {"cam1": [sha(a)]}
+    # The dataset was renamed on the server: rebind, and the ledger goes on feeding it.
+    proc = paiv("rebind", "--config", str(cam1), env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "dataset: cam1 -> renamed" in proc.stdout
+    _once(cam1, env)
+    assert _held(emulator) == {"cam1": sorted([sha(a), sha(b)])}
+
+
+def test_a_ledger_of_an_earlier_version_is_kept_by_its_configuration(
+    tmp_path: Path, emulator: Emulator
+) -> None:
+    import sqlite3
+
+    state = tmp_path / "state"
+    env = ENV | {"STATE_DIRECTORY": str(state)}
+    cam1, root1 = _station(tmp_path, emulator, "cam1")
+    a = write_image(root1 / "forest" / "a.png", 1)
+    _once(cam1, env)
+    # What an earlier version left: the ledger under the plain name, recording no owner.
+    (ledger,) = state.glob("configuration-*.ledger.sqlite3")
+    legacy = state / "configuration.ledger.sqlite3"
+    ledger.rename(legacy)
+    with sqlite3.connect(legacy) as db:
+        db.execute("DELETE FROM meta WHERE key = 'config_path'")
+    db.close()
+    b = write_image(root1 / "forest" / "b.png", 2)
+    _once(cam1, env)
+    assert _held(emulator) == {"cam1": sorted([sha(a), sha(b)])}  # a is not sent again
+    assert not list(state.glob("configuration-*.ledger.sqlite3"))
+    # Another configuration of the same name gets its own ledger, checked against its dataset.
+    cam2, root2 = _station(tmp_path, emulator, "cam2")
+    c = write_image(root2 / "forest" / "c.png", 3)
+    proc = _once(cam2, env)
+    assert "shared with another configuration of the same file name" in proc.stderr
+    assert len(list(state.glob("configuration-*.ledger.sqlite3"))) == 1
+    assert _held(emulator) == {"cam1": sorted([sha(a), sha(b)]), "cam2": [sha(c)]}

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -125,7 +127,9 @@ def test_defaults(tmp_path: Path, images: Path, env: dict[str, str]) -> None:
     assert config.dataset_action == "append"
     assert (config.model_name, config.model_action) == ("cars", "retrain")
     assert dict(config.strategy) == {}
-    assert config.ledger_path == tmp_path / "home/.local/state/paiv-sync/site.ledger.sqlite3"
+    state = tmp_path / "home/.local/state/paiv-sync"
+    assert config.ledger_path.parent == state
+    assert re.fullmatch(r"site-[0-9a-f]{10}\.ledger\.sqlite3", config.ledger_path.name)
 
 
 def test_new_keys_are_read(tmp_path: Path, images: Path, env: dict[str, str]) -> None:
@@ -508,7 +512,21 @@ def test_default_ledger_path(
     tmp_path: Path, images: Path, env: dict[str, str], extra_env: dict[str, str], expected: str
 ) -> None:
     config = load_config(write(tmp_path / "site.json", seed(images)), env=env | extra_env)
-    assert config.ledger_path == Path(expected.replace("HOME", env["HOME"]))
+    digest = hashlib.sha256(str(tmp_path / "site.json").encode()).hexdigest()[:10]
+    wanted = expected.replace("HOME", env["HOME"]).replace("site.", f"site-{digest}.")
+    assert config.ledger_path == Path(wanted)
+    assert config.ledger_shared_before is None
+
+
+def test_configurations_of_one_file_name_get_their_own_default_ledgers(
+    tmp_path: Path, images: Path, env: dict[str, str]
+) -> None:
+    paths = []
+    for station in ("cam1", "cam2"):
+        (tmp_path / station).mkdir()
+        config = load_config(write(tmp_path / station / "site.json", seed(images)), env=env)
+        paths.append(config.ledger_path)
+    assert paths[0] != paths[1] and paths[0].parent == paths[1].parent
 
 
 # --- secrets ----------------------------------------------------------------------------
