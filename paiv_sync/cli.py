@@ -470,6 +470,9 @@ def _status(config: Config) -> int:
                 totals[c] += row.get(c, 0)
             print(f"{category:<{width}}  " + "  ".join(f"{row.get(c, 0):>9}" for c in columns))
         print(f"{'total':<{width}}  " + "  ".join(f"{totals[c]:>9}" for c in columns))
+        ledger.only_roots(str(Path(os.path.abspath(f))) for f in config.folders)  # noqa: PTH100
+        for root, kept in sorted(ledger.kept_counts().items()):
+            print(f"kept: {kept} files under {root}, no longer in folders: not sent")
         for rejected in ledger.rejected()[:50]:
             print(f"rejected: {rejected.rel_path}: {rejected.reason}")
         print(

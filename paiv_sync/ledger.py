@@ -281,6 +281,8 @@ class Ledger:
         # The write-ahead log, opened once to sync it (it lives as long as the connection).
         self._wal_fd: int | None = None
         self._wal_guard = threading.Lock()
+        self._root_filter = ""  # see only_roots
+        self._root_args: tuple[str, ...] = ()
         if readonly:
             # For ``status`` while the service runs: no lock, no writes (WAL allows readers).
             if not path.exists():
@@ -900,10 +902,34 @@ class Ledger:
             )
             return cursor.rowcount > 0
 
+    def only_roots(self, roots: Iterable[str] | None) -> None:
+        """Hand out pending rows under these roots only (None: every root).
+
+        A folder removed from the configuration keeps its rows, but none of its files is sent:
+        :meth:`pending` and the counts made from it leave them out (see :meth:`kept_counts`).
+        """
+        if roots is None:
+            self._root_filter, self._root_args = "", ()
+            return
+        chosen = tuple(dict.fromkeys(roots))
+        self._root_filter = f" AND root IN ({_marks(len(chosen))})" if chosen else " AND 0"
+        self._root_args = chosen
+
+    def kept_counts(self) -> dict[str, int]:
+        """``root -> rows not yet uploaded`` under roots left out by :meth:`only_roots`."""
+        if not self._root_filter:
+            return {}
+        rows = self._query(
+            "SELECT root, COUNT(*) FROM files WHERE state IN (?, ?) AND NOT "
+            f"({self._root_filter[5:]}) GROUP BY root",
+            (PENDING, UPLOADING, *self._root_args),
+        )
+        return {r[0]: int(r[1]) for r in rows}
+
     def pending(self, category: str | None = None, limit: int | None = None) -> list[FileRow]:
         """Rows waiting for upload, oldest first, optionally of one category."""
-        sql = f"SELECT {_FILE_COLUMNS} FROM files WHERE state = ?"
-        args: list[Any] = [PENDING]
+        sql = f"SELECT {_FILE_COLUMNS} FROM files WHERE state = ?{self._root_filter}"
+        args: list[Any] = [PENDING, *self._root_args]
         if category is not None:
             sql += " AND category = ?"
             args.append(category)
@@ -915,13 +941,18 @@ class Ledger:
 
     def pending_totals(self) -> tuple[int, int]:
         """``(number of pending files, their total size in bytes)``."""
-        rows = self._query("SELECT COUNT(*), TOTAL(size) FROM files WHERE state = ?", (PENDING,))
+        rows = self._query(
+            f"SELECT COUNT(*), TOTAL(size) FROM files WHERE state = ?{self._root_filter}",
+            (PENDING, *self._root_args),
+        )
         return int(rows[0][0]), int(rows[0][1])
 
     def pending_counts(self) -> dict[str, int]:
         """``category -> number of pending files``."""
         rows = self._query(
-            "SELECT category, COUNT(*) FROM files WHERE state = ? GROUP BY category", (PENDING,)
+            f"SELECT category, COUNT(*) FROM files WHERE state = ?{self._root_filter} "
+            "GROUP BY category",
+            (PENDING, *self._root_args),
         )
         return {r[0]: int(r[1]) for r in rows}
 
@@ -932,9 +963,9 @@ class Ledger:
         the server, not sent at shutdown, paused uploads): they need not wait for it again.
         """
         rows = self._query(
-            "SELECT category, COUNT(*) FROM files WHERE state = ? AND attempts > 0 "
-            "GROUP BY category",
-            (PENDING,),
+            "SELECT category, COUNT(*) FROM files WHERE state = ? AND attempts > 0"
+            f"{self._root_filter} GROUP BY category",
+            (PENDING, *self._root_args),
         )
         return {r[0]: int(r[1]) for r in rows}
 
@@ -1005,7 +1036,8 @@ class Ledger:
     def begin_batch(self, category: str, dataset_id: str, file_ids: Sequence[int]) -> int:
         """Mark ``file_ids`` as ``uploading`` in a new batch; return the batch id.
 
-        Only rows still ``pending`` join; the caller reads the batch back with ``batch_rows``.
+        Only rows still ``pending`` (under the roots of :meth:`only_roots`) join; the caller
+        reads the batch back with ``batch_rows``.
         """
         now = self._clock()
         with self._transaction() as db:
@@ -1017,8 +1049,9 @@ class Ledger:
             for chunk in _chunks(file_ids, _MAX_PARAMS):
                 db.execute(
                     "UPDATE files SET state = ?, batch_id = ?, attempts = attempts + 1, "
-                    f"updated = ? WHERE state = ? AND id IN ({_marks(len(chunk))})",
-                    (UPLOADING, batch_id, now, PENDING, *chunk),
+                    f"updated = ? WHERE state = ?{self._root_filter} "
+                    f"AND id IN ({_marks(len(chunk))})",
+                    (UPLOADING, batch_id, now, PENDING, *self._root_args, *chunk),
                 )
         return batch_id
 

@@ -263,6 +263,8 @@ class Service:
             log.error("%s", exc)
             self.ledger.close()
             return 2
+        self.ledger.only_roots(_root_keys(self.config))
+        self._report_kept()
         shared = self.config.ledger_shared_before
         if shared is not None and self.ledger.is_new():
             log.warning(
@@ -842,6 +844,17 @@ class Service:
         self.ledger.bind(endpoint=cfg.base_url, dataset_name=cfg.dataset_name)
         return dataset_id
 
+    def _report_kept(self) -> None:
+        """Say which folders no longer configured still have files that will not be sent."""
+        assert self.ledger is not None
+        for root, count in sorted(self.ledger.kept_counts().items()):
+            log.warning(
+                "%s is no longer in folders: its %d files not yet uploaded are kept in the "
+                "ledger but not sent (put the folder back in folders to send them)",
+                root,
+                count,
+            )
+
     def _run_watchdog(self, interval: float) -> None:
         """Ping systemd's watchdog while every part is healthy; withhold the ping otherwise."""
         complained = False
@@ -934,6 +947,9 @@ class Service:
             extensions=new.extensions,
         )
         self.gate = StabilityGate(new.settle_time, self._clock, wall=time.time)
+        if self.ledger is not None:
+            self.ledger.only_roots(_root_keys(new))
+            self._report_kept()
         if self.watcher is not None and (
             tuple(old.folders) != tuple(new.folders)
             or (old.observer, old.polling_interval) != (new.observer, new.polling_interval)
@@ -1251,3 +1267,8 @@ def _config_path(config: Config) -> str | None:
     if config.source is None:
         return None
     return str(Path(os.path.abspath(config.source)))  # noqa: PTH100 - as in config._read_ledger
+
+
+def _root_keys(config: Config) -> list[str]:
+    """The configured roots as the ledger's rows name them (absolute, links kept)."""
+    return [str(Path(os.path.abspath(folder))) for folder in config.folders]  # noqa: PTH100

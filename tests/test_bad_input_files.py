@@ -557,6 +557,40 @@ def test_category_folder_deleted_at_runtime(
     assert "forest/waiting.png was deleted before upload; forgotten" in lines(logs)
 
 
+def test_folder_removed_from_the_configuration_is_not_sent(
+    emulator: Emulator, tmp_path: Path, logs: pytest.LogCaptureFixture
+) -> None:
+    kept, dropped = tmp_path / "kept", tmp_path / "dropped"
+    for folder in (kept, dropped):
+        (folder / "forest").mkdir(parents=True)
+    both = cfg(
+        emulator,
+        kept,
+        folders=[str(kept), str(dropped)],
+        threshold={"upload": 100, "training": 1000},
+    )
+    with service_running(both) as service:
+        write_image(kept / "forest" / "a.png", 1)
+        for seed in (2, 3):
+            write_image(dropped / "forest" / f"d{seed}.png", seed)
+        wait_until(
+            lambda: ledger_of(service).pending_totals()[0] == 3,
+            timeout=10,
+            message="three files recorded, waiting for the upload threshold",
+        )
+    # The second folder is taken out of the configuration; --once sends what is pending.
+    one = cfg(emulator, kept, folders=[str(kept)], threshold={"upload": 100, "training": 1000})
+    assert Service(one, once=True, retry=FAST_RETRY).run() == 0
+    assert {name for (_, name) in held_names(emulator)} == {"a.png"}
+    assert (
+        f"{dropped} is no longer in folders: its 2 files not yet uploaded are kept in the ledger "
+        "but not sent (put the folder back in folders to send them)"
+    ) in lines(logs)
+    with Ledger(one.ledger_path) as ledger:
+        ledger.only_roots([str(kept)])
+        assert ledger.kept_counts() == {str(dropped): 2}
+
+
 def test_root_removed_and_back(
     emulator: Emulator, root: Path, tmp_path: Path, logs: pytest.LogCaptureFixture
 ) -> None:
