@@ -135,6 +135,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep the ledger when the server's address or the dataset's name has changed",
     )
     _common(rebind, suppress=True)
+    retry = commands.add_parser(
+        "retry",
+        help="send again the files the server failed to store (with --rejected: every "
+        "rejected file); run it while the service is stopped",
+    )
+    retry.add_argument(
+        "--rejected",
+        action="store_true",
+        help="also the files the server refused and those rejected before upload (checked "
+        "again at the next scan)",
+    )
+    _common(retry, suppress=True)
     demo = commands.add_parser("demo", help="a self-contained run against the built-in emulator")
     _common(demo, suppress=True)
     service = commands.add_parser(
@@ -190,6 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _status(config)
     if args.command == "rebind":
         return _rebind(config)
+    if args.command == "retry":
+        return _retry(config, rejected=args.rejected)
     port = args.health_port if args.health_port is not None else config.health_port
     return _run(config, once=args.once, health_port=port)
 
@@ -443,6 +457,35 @@ def _rebind(config: Config) -> int:
     print(f"server: {before[0] or '(none recorded)'} -> {config.base_url}")
     print(f"dataset: {before[1] or '(none recorded)'} -> {config.dataset_name}")
     print("the ledger keeps every file it recorded; the dataset it fed is looked up by its id")
+    return EXIT_OK
+
+
+def _retry(config: Config, *, rejected: bool) -> int:
+    """Put rejected files back in line for the next run of the service."""
+    from paiv_sync.ledger import Ledger, LedgerError, LedgerLocked
+
+    if not config.ledger_path.exists():
+        print(f"retry: no ledger at {config.ledger_path}: nothing to retry", file=sys.stderr)
+        return EXIT_FAILED
+    try:
+        ledger = Ledger(config.ledger_path)
+    except LedgerLocked as exc:
+        print(
+            f"retry: {exc}. Stop the service first (systemctl stop paiv-sync), or just restart "
+            "it: a restart sends the files the server failed to store again",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    except LedgerError as exc:
+        print(f"retry: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    try:
+        again, checked = ledger.retry_rejected(refused_too=rejected)
+    finally:
+        ledger.close()
+    print(f"{again} files will be sent again at the next run")
+    if rejected:
+        print(f"{checked} files rejected before upload will be checked again at the next scan")
     return EXIT_OK
 
 

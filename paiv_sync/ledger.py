@@ -99,6 +99,11 @@ CREATE TABLE IF NOT EXISTS replaced_uploads (
 CREATE INDEX IF NOT EXISTS replaced_by_key ON replaced_uploads (category, upload_name, size);
 """
 
+# How a server's refusal of one file (its type, size or content) is recorded: a restart and
+# ``paiv-sync retry`` leave such rows alone, ``retry --rejected`` sends them again. Any other
+# server-side rejection was the server failing: a restart sends the file again.
+REFUSED_PREFIX = "refused by the server: "
+
 # Training states kept in the ledger. ``requesting`` means the POST /dltasks may or may not have
 # reached the server: it is resolved against the server's task list before anything else.
 REQUESTING = "requesting"
@@ -893,6 +898,32 @@ class Ledger:
                 (root, rel_path),
             ).fetchone()
         return FileRow(*row)
+
+    def retry_rejected(self, *, refused_too: bool = False) -> tuple[int, int]:
+        """Give rejected files another chance; return ``(sent again, checked again)``.
+
+        Files the server failed (not those it refused, whose reason starts with
+        ``REFUSED_PREFIX``) go back to ``pending``; with ``refused_too`` the refused ones as
+        well, and the files rejected here before upload (not an image, too large, …) are
+        forgotten, so that the next scan checks them again.
+        """
+        now = self._clock()
+        with self._transaction() as db:
+            condition, args = "", [PENDING, now, REJECTED]
+            if not refused_too:
+                condition = " AND substr(reason, 1, ?) != ?"
+                args += [len(REFUSED_PREFIX), REFUSED_PREFIX]
+            again = db.execute(
+                "UPDATE files SET state = ?, reason = NULL, batch_id = NULL, updated = ? "
+                f"WHERE state = ? AND sha256 IS NOT NULL{condition}",
+                args,
+            ).rowcount
+            checked = 0
+            if refused_too:
+                checked = db.execute(
+                    "DELETE FROM files WHERE state = ? AND sha256 IS NULL", (REJECTED,)
+                ).rowcount
+        return again, checked
 
     def forget(self, file_id: int) -> bool:
         """Drop a row that never reached the server (its file was deleted); True if dropped."""

@@ -265,6 +265,9 @@ class Service:
             return 2
         self.ledger.only_roots(_root_keys(self.config))
         self._report_kept()
+        again, _ = self.ledger.retry_rejected()
+        if again:
+            log.info("%d files the server failed to store before are sent again", again)
         shared = self.config.ledger_shared_before
         if shared is not None and self.ledger.is_new():
             log.warning(
@@ -332,6 +335,7 @@ class Service:
             retry=self._retry,
             stop_event=self.stop_event,
             sleep=self._upload_sleep,
+            clock=self._clock,
         )
         self.uploader.tags = UploadTags(
             host=socket.gethostname(), instance=self.ledger.instance_id()

@@ -44,7 +44,7 @@ from paiv_sync.api import (
     as_int,
     wire_name,
 )
-from paiv_sync.ledger import FileRow, Ledger
+from paiv_sync.ledger import REFUSED_PREFIX, FileRow, Ledger
 from paiv_sync.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,106 @@ TAG_HOST = "paiv_sync_host"
 TAG_INSTANCE = "paiv_sync_instance"
 TAG_BATCH = "paiv_sync_batch"
 TAG_FOLDER = "paiv_sync_folder"
+
+
+# Words in a per-file fault that blame the file itself (its type, size or content) rather than
+# the server: the file is refused after a few tries. Any other fault ("Internal error while
+# storing the file", no verdict at all) is the server's: the file is sent again, with back-off,
+# for as long as TRANSIENT_LIMIT.
+_REFUSAL_WORDS = (
+    "not a ",
+    "unsupported",
+    "not supported",
+    "invalid",
+    "format",
+    "file type",
+    "too large",
+    "too big",
+    "exceed",
+    "empty",
+    "corrupt",
+    "damaged",
+    "truncated",
+    "cannot decode",
+    "could not decode",
+)
+
+# How long the server may keep failing one file (while storing others) before it is set aside
+# as rejected; a restart or ``paiv-sync retry`` sends it again.
+TRANSIENT_LIMIT = 900.0
+
+
+def blames_the_file(fault: str) -> bool:
+    """Tell whether a server's per-file fault says the file itself is unacceptable."""
+    text = fault.lower()
+    return any(word in text for word in _REFUSAL_WORDS)
+
+
+class _FileFaults:
+    """The server's failures of each file of one batch: how often, and since when.
+
+    A refusal that blames the file rejects it after ``max_refusals`` of them; any other
+    failure only after the server kept failing the file for ``limit`` seconds.
+    """
+
+    def __init__(self, clock: Callable[[], float], max_refusals: int, limit: float) -> None:
+        self._clock = clock
+        self._max_refusals = max_refusals
+        self._limit = limit
+        self._refusals: Counter[int] = Counter()
+        self._failing_since: dict[int, float] = {}
+        self.worst = 0  # the most failures of any one file: the back-off's attempt number
+        self._counts: Counter[int] = Counter()
+
+    def verdict(self, row: FileRow, fault: str, *, refusal: bool) -> str | None:
+        """Record one failure of ``row``; return its rejection reason when it is rejected now.
+
+        Logs the failure (the first one of a file at WARNING, later ones at DEBUG).
+        """
+        self._counts[row.id] += 1
+        self.worst = max(self.worst, self._counts[row.id])
+        first = self._counts[row.id] == 1
+        if refusal:
+            self._refusals[row.id] += 1
+            if self._refusals[row.id] >= self._max_refusals:
+                log.error(
+                    "%s rejected by the server after %d attempts: %s",
+                    row.rel_path,
+                    self._refusals[row.id],
+                    fault,
+                )
+                return REFUSED_PREFIX + fault
+            log.log(
+                logging.WARNING if first else logging.DEBUG,
+                "%s refused by the server (%s); will retry",
+                row.rel_path,
+                fault,
+            )
+            return None
+        now = self._clock()
+        since = self._failing_since.setdefault(row.id, now)
+        if now - since >= self._limit:
+            minutes = max(1, round((now - since) / 60))
+            log.error(
+                "%s: the server kept failing it for %d min (%s); set aside as rejected, a "
+                "restart or `paiv-sync retry` sends it again",
+                row.rel_path,
+                minutes,
+                fault,
+            )
+            return (
+                f"the server failed it for {minutes} min ({fault}); a restart or "
+                "`paiv-sync retry` sends it again"
+            )
+        log.log(
+            logging.WARNING if first else logging.DEBUG,
+            "%s failed on the server (%s); it is sent again while the server keeps storing "
+            "other files (for up to %d min)",
+            row.rel_path,
+            fault,
+            round(self._limit / 60),
+        )
+        return None
 
 
 @dataclass(frozen=True)
@@ -119,6 +219,7 @@ class Uploader:
         retry: RetryPolicy,
         stop_event: threading.Event,
         max_file_attempts: int = 5,
+        transient_limit: float = TRANSIENT_LIMIT,
         late_checks: int = 3,
         sleep: Callable[[float], object] | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -129,6 +230,7 @@ class Uploader:
         self._retry = retry
         self._stop = stop_event
         self._max_file_attempts = max_file_attempts
+        self._transient_limit = transient_limit
         self._late_checks = late_checks
         self._clock = clock
         self._sleep = sleep or stop_event.wait
@@ -206,7 +308,7 @@ class Uploader:
         late_checks, late_wait = 0, 0.0  # after a timed-out POST: look again before resending
         one_by_one = False  # after the server refused a whole request: find the file at fault
         locked_seen = False
-        file_failures: Counter[int] = Counter()
+        faults = _FileFaults(self._clock, self._max_file_attempts, self._transient_limit)
         while True:
             rows = self.ledger.batch_rows(batch_id)
             if not rows:
@@ -314,7 +416,7 @@ class Uploader:
                     )
                     one_by_one = True
                 else:
-                    self._refused_alone(sending[0], exc, report, file_failures)
+                    self._refused_alone(sending[0], exc, report, faults)
                 self._backoff(attempt)
                 continue
             except MviError as exc:
@@ -339,7 +441,7 @@ class Uploader:
                 self._backoff(attempt)
                 continue
             settled_all = self._settle_results(
-                sending, results, report, file_failures, batch_id if sending is rows else None
+                sending, results, report, faults, batch_id if sending is rows else None
             )
             if self.tags is not None and self.tags_supported(dataset_id) is None:
                 stored = next((r.file_id for r in results if r.ok and r.file_id), None)
@@ -397,7 +499,7 @@ class Uploader:
         rows: list[FileRow],
         results: Sequence[FileResult],
         report: BatchReport,
-        file_failures: Counter[int],
+        faults: _FileFaults,
         batch_id: int | None = None,
     ) -> bool:
         """Record the server's verdict on ``rows``; True when every one of them is settled.
@@ -424,21 +526,9 @@ class Uploader:
                 report.names.append(f"{row.category}/{row.rel_path}")
                 continue
             fault = (result.fault if result else None) or "no result for this file"
-            file_failures[row.id] += 1
-            if file_failures[row.id] >= self._max_file_attempts:
-                rejected.append((row.id, fault))
-                log.error(
-                    "%s rejected by the server after %d attempts: %s",
-                    row.rel_path,
-                    file_failures[row.id],
-                    fault,
-                )
-            else:
-                log.warning(
-                    "%s refused by the server (%s); will retry",
-                    row.rel_path,
-                    fault,
-                )
+            reason = faults.verdict(row, fault, refusal=blames_the_file(fault))
+            if reason is not None:
+                rejected.append((row.id, reason))
         # Not durable on its own: one fsync per batch (begin_batch's) instead of two. The next
         # durable commit (the next batch's begin_batch, or the service's sync when uploads go
         # quiet) carries it to disk; a power cut before that leaves these rows in doubt, which
@@ -453,31 +543,23 @@ class Uploader:
         settled = {fid for fid, _ in uploaded} | {fid for fid, _ in rejected}
         report.settled_bytes += sum(r.size for r in rows if r.id in settled)
         if len(uploaded) + len(rejected) < len(rows):
-            self._backoff(max(file_failures.values(), default=1))
+            self._backoff(max(1, faults.worst))
             return False
         return marked == len(uploaded)
 
     def _refused_alone(
-        self, row: FileRow, exc: RequestError, report: BatchReport, file_failures: Counter[int]
+        self, row: FileRow, exc: RequestError, report: BatchReport, faults: _FileFaults
     ) -> None:
         """The server refused a request holding only ``row``: rejected once it did so often.
 
         Several refusals are needed, not one: a refusal of the whole request may have had
         nothing to do with the file (a fresh login that failed, a server hiccup).
         """
-        file_failures[row.id] += 1
-        if file_failures[row.id] >= self._max_file_attempts:
-            self.ledger.mark_rejected([(row.id, str(exc))])
+        reason = faults.verdict(row, str(exc), refusal=True)
+        if reason is not None:
+            self.ledger.mark_rejected([(row.id, reason)])
             report.rejected += 1
             report.settled_bytes += row.size
-            log.error(
-                "%s rejected by the server after %d attempts: %s",
-                row.rel_path,
-                file_failures[row.id],
-                exc,
-            )
-        else:
-            log.warning("%s refused by the server (%s); will retry", row.rel_path, exc)
 
     def _leave_in_doubt(self, rows: list[FileRow], report: BatchReport) -> None:
         """Shutdown came before the server could be asked: the rows stay ``uploading``."""

@@ -354,7 +354,16 @@ def test_names_that_are_not_utf8_are_skipped_and_the_others_go_on(
             timeout=10,
             message="the warning for the file created at run time",
         )
-        counts = nonzero(ledger_of(service).counts())
+        # The server holds it before the ledger records the answer: wait for the rows.
+        counts = wait_until(
+            lambda: (
+                (c := nonzero(ledger_of(service).counts()))
+                == {"forest": {"uploaded": 1}, "city": {"uploaded": 1}}
+                and c
+            ),
+            timeout=10,
+            message="both recorded as uploaded, nothing else recorded",
+        )
     assert dict(server_files(emulator)) == {("forest", sha(before)): 1, ("city", sha(after)): 1}
     assert counts == {"forest": {"uploaded": 1}, "city": {"uploaded": 1}}
     skipped = sorted(line.split(" skipped: ")[0].rsplit("/", 2)[-2:][-1] for line in lines(logs))

@@ -22,7 +22,7 @@ from paiv_sync.api import MviClient, UploadPart
 from paiv_sync.config import Config, parse_config
 from paiv_sync.emulator import Emulator, EmulatorOptions, FaultOptions
 from paiv_sync.service import Service
-from tests.e2e import FAST_RETRY, server_count, server_files, sha, write_image
+from tests.e2e import FAST_RETRY, config_for, server_count, server_files, sha, write_image
 from tests.helpers import wait_until
 from tests.test_bad_input_files import ledger_of, lines, service_running
 
@@ -457,3 +457,73 @@ def test_no_secret_in_any_log_line(root: Path, caplog: pytest.LogCaptureFixture)
     for text in texts:
         assert PASSWORD not in text
         assert not any(token in text for token in tokens)
+
+
+# -- the server fails files one by one (docs/what-happens-when.md, S4) ------------------
+
+UPLOAD_ROUTE = "POST /datasets/{id}/files"
+STORE_FAILURE = "Internal error while storing the file"
+
+
+def _failed_files(emulator: Emulator) -> int:
+    return int(emulator.state()["faults"].get("fail_in_200", 0))
+
+
+def test_a_spell_of_server_failures_delays_files_but_rejects_none(
+    emulator: Emulator, root: Path, logs: pytest.LogCaptureFixture
+) -> None:
+    emulator.set_faults(FaultOptions(fail_in_200_rate=1.0, routes=(UPLOAD_ROUTE,)))
+    config = config_for(emulator, root, threshold={"upload": 10, "training": 1000})
+    with service_running(config) as service:
+        bodies = [write_image(root / "forest" / f"img{i}.png", i) for i in range(10)]
+        # Every file failed six times over: more than a count of attempts would have allowed.
+        wait_until(lambda: _failed_files(emulator) >= 60, timeout=30, message="60 failures")
+        emulator.set_faults(FaultOptions())
+        wait_until(lambda: server_count(emulator) == 10, timeout=30, message="10 stored")
+        wait_until(
+            lambda: ledger_of(service).counts()["forest"]["uploaded"] == 10,
+            timeout=10,
+            message="10 recorded as uploaded",
+        )
+        counts = ledger_of(service).counts()["forest"]
+    assert counts["rejected"] == 0
+    assert dict(server_files(emulator)) == {("forest", sha(b)): 1 for b in bodies}
+    assert (
+        f"forest/img0.png failed on the server ({STORE_FAILURE}); it is sent again while the "
+        "server keeps storing other files (for up to 15 min)"
+    ) in lines(logs)
+
+
+def test_files_the_server_kept_failing_are_set_aside_and_sent_again_at_restart(
+    emulator: Emulator, root: Path, logs: pytest.LogCaptureFixture
+) -> None:
+    from paiv_sync.uploader import TRANSIENT_LIMIT
+    from tests.test_bad_input_files import SkipClock
+
+    emulator.set_faults(FaultOptions(fail_in_200_rate=1.0, routes=(UPLOAD_ROUTE,)))
+    config = config_for(emulator, root, threshold={"upload": 2, "training": 1000})
+    clock = SkipClock()
+    with service_running(config, clock) as service:
+        bodies = [write_image(root / "forest" / f"img{i}.png", i) for i in range(2)]
+        wait_until(lambda: _failed_files(emulator) >= 2, timeout=30, message="both failed once")
+        clock.advance(TRANSIENT_LIMIT + 1)  # the server has failed them for 15 minutes
+        rejected = wait_until(
+            lambda: len(rows := ledger_of(service).rejected()) == 2 and rows,
+            timeout=30,
+            message="both set aside as rejected",
+        )
+    assert {r.reason for r in rejected} == {
+        f"the server failed it for 15 min ({STORE_FAILURE}); a restart or `paiv-sync retry` "
+        "sends it again"
+    }
+    assert server_count(emulator) == 0
+    emulator.set_faults(FaultOptions())
+    with service_running(config) as service:
+        wait_until(lambda: server_count(emulator) == 2, timeout=30, message="both stored")
+        wait_until(
+            lambda: ledger_of(service).counts()["forest"]["uploaded"] == 2,
+            timeout=10,
+            message="both recorded as uploaded",
+        )
+    assert dict(server_files(emulator)) == {("forest", sha(b)): 1 for b in bodies}
+    assert "2 files the server failed to store before are sent again" in lines(logs, logging.INFO)

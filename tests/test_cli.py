@@ -383,3 +383,57 @@ def test_a_ledger_of_an_earlier_version_is_kept_by_its_configuration(
     assert "shared with another configuration of the same file name" in proc.stderr
     assert len(list(state.glob("configuration-*.ledger.sqlite3"))) == 1
     assert _held(emulator) == {"cam1": sorted([sha(a), sha(b)]), "cam2": [sha(c)]}
+
+
+def test_retry_puts_rejected_files_back_in_line(tmp_path: Path, emulator: Emulator) -> None:
+    from paiv_sync.ledger import REFUSED_PREFIX, Ledger
+
+    root = tmp_path / "images"
+    (root / "forest").mkdir(parents=True)
+    config = write_config(tmp_path / "configuration.json", base_config(emulator, root))
+    ledger_path = tmp_path / "ledger.sqlite3"
+    with Ledger(ledger_path) as ledger:
+        ids = []
+        for name in ("failed.png", "refused.png"):
+            outcome = ledger.record(
+                root=str(root),
+                rel_path=f"forest/{name}",
+                category="forest",
+                size=10,
+                mtime_ns=1,
+                sha256=name,
+                content_type="image/png",
+                skip_duplicates=False,
+            )
+            ids.append(outcome.row.id)
+        ledger.begin_batch("forest", "d1", ids)
+        ledger.mark_rejected(
+            [
+                (ids[0], "the server failed it for 15 min (Internal error)"),
+                (ids[1], REFUSED_PREFIX + "not a supported image"),
+            ]
+        )
+        ledger.reject(
+            root=str(root),
+            rel_path="forest/text.png",
+            category="forest",
+            size=4,
+            mtime_ns=1,
+            reason="not an image (starts with text)",
+        )
+        # While the service holds the ledger, retry says what to do instead.
+        proc = paiv("retry", "--config", str(config))
+        assert proc.returncode == 1 and "Stop the service first" in proc.stderr
+    proc = paiv("retry", "--config", str(config))
+    assert proc.returncode == 0, proc.stderr
+    assert "1 files will be sent again at the next run" in proc.stdout
+    with Ledger(ledger_path, readonly=True) as ledger:
+        assert [r.rel_path for r in ledger.pending()] == ["forest/failed.png"]
+        assert {r.rel_path for r in ledger.rejected()} == {"forest/refused.png", "forest/text.png"}
+    proc = paiv("retry", "--rejected", "--config", str(config))
+    assert proc.returncode == 0, proc.stderr
+    assert "1 files will be sent again" in proc.stdout
+    assert "1 files rejected before upload will be checked again at the next scan" in proc.stdout
+    with Ledger(ledger_path, readonly=True) as ledger:
+        assert [r.rel_path for r in ledger.pending()] == ["forest/failed.png", "forest/refused.png"]
+        assert ledger.rejected() == []

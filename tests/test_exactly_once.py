@@ -181,6 +181,8 @@ def test_files_refused_inside_a_mixed_answer_are_settled_one_by_one(
                 message="every file uploaded or rejected",
             )
             assert settled["uploading"] == 0 and settled["pending"] == 0
+            # A failure to store a file is the server's, not the file's: none is set aside.
+            assert settled["rejected"] == 0
         state = emulator.state()
         assert state["faults"]["fail_in_200"] > 0, "no file was refused: the test tested nothing"
         rejected = {(r.category, r.sha256) for r in ledger_rows_rejected(config)}
