@@ -520,7 +520,7 @@ class MviClient:
     request answers 401) or with an API key (MVI 8.x, sent as is). ``verify`` is True,
     False (no certificate check — insecure) or the path of a CA bundle; ``timeout`` bounds
     each read from the server in seconds; ``retry`` and ``stop_event`` govern how idempotent
-    calls are retried and when retrying ends.
+    calls are retried and when retrying ends; ``on_wait`` is called before each back-off wait.
 
     Raises ValueError when the credentials are neither a user/password pair nor an API key,
     and TlsError when ``verify`` names a file that does not exist.
@@ -537,6 +537,7 @@ class MviClient:
         timeout: float = 30.0,
         retry: RetryPolicy = RetryPolicy(),  # noqa: B008 - frozen dataclass, immutable
         stop_event: threading.Event | None = None,
+        on_wait: Callable[[], None] | None = None,
     ) -> None:
         if api_key and (username or password):
             raise ValueError("give either a user name and password or an API key, not both")
@@ -567,6 +568,9 @@ class MviClient:
         self._timeout = (min(timeout, _MAX_CONNECT_TIMEOUT), timeout)
         self._retry = retry
         self._stop = stop_event if stop_event is not None else threading.Event()
+        # Called before each back-off wait of a retried request (the service counts it as a
+        # sign of life of the thread that waits).
+        self._on_wait = on_wait
         self._session = requests.Session()
         self._session.headers["User-Agent"] = f"paiv-sync/{__version__}"
         self._session.headers["Accept"] = "application/json"
@@ -1007,8 +1011,19 @@ class MviClient:
         self, what: str, retry_if: Callable[[BaseException], bool] = is_retryable
     ) -> tenacity.Retrying:
         return build_retrying(
-            self._retry, stop_event=self._stop, retry_if=retry_if, logger=_log, what=what
+            self._retry,
+            stop_event=self._stop,
+            retry_if=retry_if,
+            logger=_log,
+            what=what,
+            sleep=self._wait,
         )
+
+    def _wait(self, seconds: float) -> None:
+        """A back-off wait between two tries: a sign of life first, and it ends on shutdown."""
+        if self._on_wait is not None:
+            self._on_wait()
+        self._stop.wait(seconds)
 
     def _get(
         self,

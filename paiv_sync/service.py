@@ -8,6 +8,7 @@ training tasks. One ``threading.Event`` stops them all.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -15,7 +16,7 @@ import socket
 import stat
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -58,7 +59,11 @@ class _Checked:
 
 
 def make_client(
-    config: Config, retry: RetryPolicy, *, stop_event: threading.Event | None = None
+    config: Config,
+    retry: RetryPolicy,
+    *,
+    stop_event: threading.Event | None = None,
+    on_wait: Callable[[], None] | None = None,
 ) -> MviClient:
     """The MVI client for ``config``'s server and credentials."""
     return MviClient(
@@ -70,6 +75,7 @@ def make_client(
         timeout=config.timeout,
         retry=retry,
         stop_event=stop_event,
+        on_wait=on_wait,
     )
 
 
@@ -196,6 +202,7 @@ class Service:
         # Health, for the systemd watchdog: when the pipeline loop last turned, and when each
         # upload worker last showed progress (a request ended or a back-off wait began).
         self._loop_beat = clock()
+        self._loop_thread: int | None = None  # the pipeline thread's ident, once it runs
         self._job_beats: dict[int, float] = {}
         self._beats_lock = threading.Lock()
         self._reload_requested = threading.Event()
@@ -328,6 +335,7 @@ class Service:
                 initial=self._retry.initial, maximum=self._retry.maximum, max_attempts=5
             ),
             stop_event=self.stop_event,
+            on_wait=self._alive,
         )
         self.uploader = Uploader(
             self.client,
@@ -384,6 +392,7 @@ class Service:
     # -- the main loop -------------------------------------------------------------------
 
     def _loop(self) -> None:
+        self._loop_thread = threading.get_ident()
         self._next_rescan = self._clock() + self.config.rescan_interval
         while not self.stop_event.is_set():
             self._loop_beat = self._clock()
@@ -1043,13 +1052,14 @@ class Service:
         assert self.ledger is not None
         if self.stop_event.is_set() or self._lost.is_set():
             return
-        if not self._check_server_duplicates(category):
-            return
-        rows = self.ledger.pending(category)
-        if rows:
-            self._log_flush(category, len(rows))
-        for chunk in batches(rows, self.config.batch_size):
-            self._upload_job(category, [r.id for r in chunk])
+        with self._job():
+            if not self._check_server_duplicates(category):
+                return
+            rows = self.ledger.pending(category)
+            if rows:
+                self._log_flush(category, len(rows))
+            for chunk in batches(rows, self.config.batch_size):
+                self._upload_job(category, [r.id for r in chunk])
 
     def _check_server_duplicates(self, category: str) -> bool:
         """Once a run per category, before its first upload: skip what the server holds.
@@ -1085,27 +1095,48 @@ class Service:
             self._pending_dirty = True
         return True
 
-    def _beat_job(self) -> None:
+    def _alive(self) -> None:
+        """A thread is about to wait before trying a request again: a sign of life.
+
+        Liveness means that the process works, not that the server answers: a worker (or
+        the pipeline) retrying through a long outage is alive, and the watchdog must not
+        kill it.
+        """
+        ident = threading.get_ident()
+        now = self._clock()
+        if ident == self._loop_thread:
+            self._loop_beat = now
         with self._beats_lock:
-            self._job_beats[threading.get_ident()] = self._clock()
+            if ident in self._job_beats:
+                self._job_beats[ident] = now
+
+    @contextlib.contextmanager
+    def _job(self) -> Iterator[None]:
+        """Count the calling thread as an upload worker at work while inside."""
+        ident = threading.get_ident()
+        with self._beats_lock:
+            outer = ident in self._job_beats
+            self._job_beats[ident] = self._clock()
+        try:
+            yield
+        finally:
+            if not outer:
+                with self._beats_lock:
+                    self._job_beats.pop(ident, None)
 
     def _upload_sleep(self, seconds: float) -> None:
         """The uploader's back-off wait: a sign of life, and it ends at once on shutdown."""
-        self._beat_job()
+        self._alive()
         self.upload_retries += 1
         self.stop_event.wait(seconds)
-        self._beat_job()
+        self._alive()
 
     def _upload_job(self, category: str, file_ids: list[int]) -> None:
         assert self.uploader is not None
         if self.stop_event.is_set() or self._lost.is_set():
             return
-        self._beat_job()
-        try:
+        with self._job():
             self._upload_job_inner(category, file_ids)
-        finally:
-            with self._beats_lock:
-                self._job_beats.pop(threading.get_ident(), None)
 
     def _upload_job_inner(self, category: str, file_ids: list[int]) -> None:
         assert self.uploader is not None

@@ -8,7 +8,7 @@ import requests
 
 from paiv_sync.emulator import Emulator
 from paiv_sync.health import HealthServer
-from tests.e2e import config_for, running, server_count, write_image
+from tests.e2e import config_for, running, server_count, sha, write_image
 from tests.helpers import wait_until
 
 
@@ -50,3 +50,37 @@ def test_health_port_comes_from_the_configuration(emulator: Emulator, tmp_path: 
     }
     assert parse_config(base, source=None, env={}).health_port is None
     assert parse_config({**base, "health_port": 9464}, source=None, env={}).health_port == 9464
+
+
+def test_a_long_server_outage_is_not_taken_for_a_stuck_worker(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    # The case a user met: systemd's watchdog killed the service during a 5-minute outage,
+    # because an upload worker retrying a request looked as if it had stopped working.
+    from paiv_sync.emulator import FaultOptions
+    from tests.test_bad_input_files import SkipClock, ledger_of, service_running
+
+    root = tmp_path / "images"
+    (root / "forest").mkdir(parents=True)
+    config = config_for(
+        emulator, root, threshold={"upload": 1, "training": 1000}, skip_duplicates=0
+    )
+    clock = SkipClock()
+    with service_running(config, clock) as service:
+        assert service.healthy() == (True, "ok")
+        emulator.set_faults(FaultOptions(error_rate=1.0))
+        body = write_image(root / "forest" / "a.png", 1)
+        # The worker is in the middle of retrying: the server has failed it a few times.
+        wait_until(lambda: emulator.state()["faults"]["error"] >= 5, timeout=30)
+        clock.advance(600)  # ten minutes of outage
+        # Each retry is a sign of life: the next one makes the service healthy again.
+        wait_until(lambda: service.healthy()[0], timeout=10, message="healthy while retrying")
+        emulator.set_faults(FaultOptions())
+        wait_until(lambda: server_count(emulator) == 1, timeout=30, message="a.png stored")
+        wait_until(
+            lambda: ledger_of(service).counts()["forest"]["uploaded"] == 1,
+            timeout=10,
+            message="a.png recorded as uploaded",
+        )
+    held = [f["sha256"] for d in emulator.state()["datasets"] for f in d["files"]]
+    assert held == [sha(body)]
