@@ -523,6 +523,11 @@ class Ledger:
                 (key, value),
             )
 
+    def delete_meta(self, key: str) -> None:
+        """Forget the value stored under ``key`` (nothing happens when there is none)."""
+        with self._transaction() as db:
+            db.execute("DELETE FROM meta WHERE key = ?", (key,))
+
     def uploads_total(self) -> int:
         """How many files this ledger has ever seen confirmed by the server."""
         return int(self.get_meta("uploads_total") or 0)

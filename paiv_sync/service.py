@@ -23,7 +23,15 @@ from datetime import datetime
 from pathlib import Path
 
 from paiv_sync import ledger as states
-from paiv_sync.api import AuthError, MviClient, MviError, NotFoundError, TlsError, newest
+from paiv_sync.api import (
+    AmbiguousError,
+    AuthError,
+    MviClient,
+    MviError,
+    NotFoundError,
+    TlsError,
+    newest,
+)
 from paiv_sync.batcher import Debouncer, batches
 from paiv_sync.config import Config
 from paiv_sync.images import Inspection, content_type, inspect_image
@@ -79,6 +87,8 @@ def make_client(
     )
 
 
+# Tries of each request (connecting included) under --once, which must end.
+ONCE_TRIES = 5
 # Path hints taken from the inbox per turn of the pipeline loop.
 _HINTS_PER_TURN = 256
 # Seconds between two looks for rows in doubt that no upload is settling.
@@ -203,6 +213,7 @@ class Service:
         # upload worker last showed progress (a request ended or a back-off wait began).
         self._loop_beat = clock()
         self._loop_thread: int | None = None  # the pipeline thread's ident, once it runs
+        self._connect_fatal = False  # the last connect failed on credentials or TLS
         self._job_beats: dict[int, float] = {}
         self._beats_lock = threading.Lock()
         self._reload_requested = threading.Event()
@@ -332,7 +343,7 @@ class Service:
             self._retry
             if not self.once
             else RetryPolicy(
-                initial=self._retry.initial, maximum=self._retry.maximum, max_attempts=5
+                initial=self._retry.initial, maximum=self._retry.maximum, max_attempts=ONCE_TRIES
             ),
             stop_event=self.stop_event,
             on_wait=self._alive,
@@ -774,9 +785,11 @@ class Service:
         try:
             self._connect()
         except (AuthError, TlsError) as exc:
+            self._connect_fatal = True
             self._connect_failed(exc, fatal_hint=True)
             return False
         except MviError as exc:
+            self._connect_fatal = False
             self._connect_failed(exc, fatal_hint=False)
             return False
         self._connected = True
@@ -840,12 +853,14 @@ class Service:
                 dataset_id = str(chosen["_id"])
                 log.info("using dataset %r (id %s)", cfg.dataset_name, dataset_id)
             else:
-                dataset_id = self.client.create_dataset(cfg.dataset_name)
-                log.info("created dataset %r (id %s)", cfg.dataset_name, dataset_id)
+                dataset_id = self._create_dataset(cfg.dataset_name)
         else:
-            name = f"{cfg.dataset_name}-{datetime.now():%Y%m%d-%H%M%S}"
-            dataset_id = self.client.create_dataset(name)
-            log.info("created dataset %r (id %s)", name, dataset_id)
+            # A creation whose answer was lost (or cut short by a crash) is finished under
+            # the name it was given, not started again under a new one.
+            name = self.ledger.get_meta("creating_dataset") or (
+                f"{cfg.dataset_name}-{datetime.now():%Y%m%d-%H%M%S}"
+            )
+            dataset_id = self._create_dataset(name)
         if remembered and remembered != dataset_id:
             again = self.ledger.reset_for_new_dataset()
             if again:
@@ -855,6 +870,40 @@ class Service:
                 )
         self.ledger.set_meta("dataset_id", dataset_id)
         self.ledger.bind(endpoint=cfg.base_url, dataset_name=cfg.dataset_name)
+        self.ledger.delete_meta("creating_dataset")  # only now: see _create_dataset
+        return dataset_id
+
+    def _create_dataset(self, name: str) -> str:
+        """Create the dataset ``name`` once, also when the answer to the POST is lost.
+
+        The name is recorded before the POST (and forgotten once the ledger records the id);
+        until then every attempt first looks the name up, so a creation the server carried
+        out is not repeated and no empty dataset is left behind. Raises MviError when the
+        server cannot be asked.
+        """
+        assert self.client is not None and self.ledger is not None
+        if self.ledger.get_meta("creating_dataset") == name:
+            same_name = [d for d in self.client.list_datasets() if d.get("name") == name]
+            if same_name:
+                dataset_id = str(newest(same_name)["_id"])
+                log.info(
+                    "dataset %r (id %s) was created although the answer was lost; using it",
+                    name,
+                    dataset_id,
+                )
+                return dataset_id
+        else:
+            self.ledger.set_meta("creating_dataset", name)
+        try:
+            dataset_id = self.client.create_dataset(name)
+        except AmbiguousError:
+            log.warning(
+                "the answer to creating dataset %r was lost; it is looked up by name before "
+                "it is created again",
+                name,
+            )
+            raise
+        log.info("created dataset %r (id %s)", name, dataset_id)
         return dataset_id
 
     def _report_kept(self) -> None:
@@ -1239,9 +1288,22 @@ class Service:
 
     # -- once ----------------------------------------------------------------------------
 
+    def _connect_once_mode(self) -> bool:
+        """Connect for ``--once``: up to ONCE_TRIES tries with back-off, as for any request.
+
+        A refused password or certificate is not tried again (it will not change by itself).
+        """
+        for attempt in range(1, ONCE_TRIES + 1):
+            if self._ensure_connected():
+                return True
+            if self._connect_fatal or self.stop_event.is_set() or attempt == ONCE_TRIES:
+                return False
+            self.stop_event.wait(max(0.0, self._next_connect - self._clock()))
+        return False
+
     def _run_once(self) -> int:
         assert self.ledger is not None and self.trainer is not None
-        if not self._ensure_connected():
+        if not self._connect_once_mode():
             return 1
         if self._progress_hook is not None:
             # Everything there may be to send, known now, so the rate and ETA hold from the

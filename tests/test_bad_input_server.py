@@ -527,3 +527,35 @@ def test_files_the_server_kept_failing_are_set_aside_and_sent_again_at_restart(
         )
     assert dict(server_files(emulator)) == {("forest", sha(b)): 1 for b in bodies}
     assert "2 files the server failed to store before are sent again" in lines(logs, logging.INFO)
+
+
+# -- answers lost while connecting (docs/what-happens-when.md, S6) -----------------------
+
+
+@pytest.mark.parametrize(
+    "route", ["POST /tokens", "POST /datasets"], ids=["login", "dataset-creation"]
+)
+def test_once_gets_through_dropped_connections_while_connecting(
+    emulator: Emulator, root: Path, route: str
+) -> None:
+    emulator.set_faults(FaultOptions(drop_rate=1.0, routes=(route,), limit=2))
+    body = write_image(root / "forest" / "a.png", 1)
+    config = config_for(emulator, root)
+    assert Service(config, once=True, retry=FAST_RETRY).run() == 0
+    assert emulator.state()["faults"]["drop"] == 2
+    assert dict(server_files(emulator)) == {("forest", sha(body)): 1}
+
+
+def test_a_created_dataset_whose_answer_was_lost_is_used_not_created_again(
+    emulator: Emulator, root: Path, logs: pytest.LogCaptureFixture
+) -> None:
+    # The server creates the dataset, then the connection drops before the answer.
+    emulator.set_faults(FaultOptions(store_then_drop_rate=1.0, routes=("POST /datasets",), limit=1))
+    body = write_image(root / "forest" / "a.png", 1)
+    config = config_for(emulator, root, dataset={"name": "run", "action": "create"})
+    assert Service(config, once=True, retry=FAST_RETRY).run() == 0
+    datasets = emulator.state()["datasets"]
+    assert emulator.state()["faults"]["store_then_drop"] == 1
+    assert len(datasets) == 1, [d["name"] for d in datasets]
+    assert [f["sha256"] for f in datasets[0]["files"]] == [sha(body)]
+    assert any("was created although the answer was lost" in line for line in lines(logs, 20))

@@ -227,3 +227,20 @@ def test_invalid_fault_options_are_refused() -> None:
         FaultOptions(error_rate=1.5)
     with pytest.raises(ValueError, match="latency"):
         FaultOptions(latency=-1)
+
+
+def test_a_fault_limit_ends_the_faults_after_that_many(emu: Emulator) -> None:
+    emu.set_faults(FaultOptions(error_rate=1.0, limit=2))
+    statuses = [
+        requests.get(f"{emu.url}/datasets", headers=AUTH, timeout=TIMEOUT).status_code
+        for _ in range(4)
+    ]
+    assert [s >= 500 for s in statuses] == [True, True, False, False]
+    assert emu.state()["faults"]["error"] == 2
+    # New options start a new count.
+    dataset_id = create_dataset(emu)
+    emu.set_faults(FaultOptions(fail_in_200_rate=1.0, limit=1))
+    assert upload(emu, dataset_id, 3).status_code == 400
+    assert len(stored(emu)) == 2
+    with pytest.raises(ValueError, match="limit"):
+        FaultOptions(limit=-1)

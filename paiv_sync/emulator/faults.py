@@ -55,6 +55,7 @@ class FaultInjector:
         self._options = options
         self._random = random.Random(options.seed)
         self._counts = dict.fromkeys(FAULT_KINDS, 0)
+        self._injected = 0  # faults injected under the current options, for ``limit``
 
     @property
     def options(self) -> FaultOptions:
@@ -67,6 +68,7 @@ class FaultInjector:
         with self._lock:
             self._options = options
             self._random = random.Random(options.seed)
+            self._injected = 0
         log.info("emulator faults set: %s", options)
 
     def reset(self) -> None:
@@ -74,6 +76,7 @@ class FaultInjector:
         with self._lock:
             self._counts = dict.fromkeys(FAULT_KINDS, 0)
             self._random = random.Random(self._options.seed)
+            self._injected = 0
 
     def counts(self) -> dict[str, int]:
         """Return how many faults of each kind were injected so far."""
@@ -91,7 +94,7 @@ class FaultInjector:
             opts = self._options
             # Always draw the same count of numbers so that the sequence stays reproducible.
             draws = [self._random.random() for _ in range(7)]
-            if route is not None and not opts.applies_to(route):
+            if (route is not None and not opts.applies_to(route)) or self._spent():
                 return NO_FAULT
             r_latency, r_limit, r_error, r_status, r_drop, r_fail, r_store = draws
             latency = opts.latency if opts.latency > 0 and r_latency < opts.latency_rate else 0.0
@@ -120,12 +123,18 @@ class FaultInjector:
         """
         with self._lock:
             draw = self._random.random()
-            if route is not None and not self._options.applies_to(route):
+            if (route is not None and not self._options.applies_to(route)) or self._spent():
                 return False
             failed = draw < self._options.fail_in_200_rate
             if failed:
                 self._counts["fail_in_200"] += 1
+                self._injected += 1
             return failed
+
+    def _spent(self) -> bool:
+        """Whether the options' ``limit`` of faults is reached (the caller holds the lock)."""
+        limit = self._options.limit
+        return limit is not None and self._injected >= limit
 
     def retry_after(self) -> float:
         """Seconds to announce in ``Retry-After`` for an injected 429."""
@@ -133,6 +142,8 @@ class FaultInjector:
             return self._options.retry_after
 
     def _count(self, plan: FaultPlan) -> None:
+        if plan != NO_FAULT and replace(plan, latency=0.0) != NO_FAULT:
+            self._injected += 1
         if plan.rate_limit:
             self._counts["rate_limit"] += 1
         elif plan.error_status is not None:

@@ -23,7 +23,9 @@ class FaultOptions:
     sequence of injected faults reproducible: the same seed and the same sequence of requests
     give the same faults. ``routes``, when not empty, aims the faults at those routes only,
     each named as the introspection counts requests (``"POST /dltasks"``,
-    ``"POST /datasets/{id}/files"``); other requests are served without fault.
+    ``"POST /datasets/{id}/files"``); other requests are served without fault. ``limit``, when
+    set, ends the faults after that many were injected (since these options were set): "the
+    first two logins drop their connection".
 
     Raises ValueError on a rate outside [0, 1], a negative duration or a route that is not a
     ``"METHOD /path"`` string.
@@ -39,6 +41,7 @@ class FaultOptions:
     fail_in_200_rate: float = 0.0
     seed: int | None = None
     routes: tuple[str, ...] = ()
+    limit: int | None = None
 
     def __post_init__(self) -> None:
         routes = self.routes
@@ -70,6 +73,11 @@ class FaultOptions:
         seed = self.seed
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise ValueError(f"seed: must be an integer or null, got {self.seed!r}")
+        limit = self.limit
+        if limit is not None and (
+            isinstance(limit, bool) or not isinstance(limit, int) or limit < 0
+        ):
+            raise ValueError(f"limit: must be an integer >= 0 or null, got {limit!r}")
 
     @property
     def any_enabled(self) -> bool:
