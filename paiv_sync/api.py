@@ -16,8 +16,10 @@ new login). Passwords, tokens and API keys never appear in a log line or an exce
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import email.utils
+import hashlib
 import json
 import logging
 import os
@@ -184,13 +186,16 @@ class UploadPart:
 class FileResult:
     """The server's verdict on one uploaded file.
 
-    ``file_id`` is the stored file's ``_id`` when ``ok``; ``fault`` the server's reason when not.
+    ``file_id`` is the stored file's ``_id`` when ``ok``; ``fault`` the server's reason when not;
+    ``sent_sha256`` the hash of the bytes the request carried (compare it with the hash the
+    file had when it was checked: a file overwritten in the meantime sends other content).
     """
 
     name: str
     ok: bool
     file_id: str | None
     fault: str | None
+    sent_sha256: str | None = None  # the SHA-256 of the bytes sent, when they were all read
 
 
 # --------------------------------------------------------------------------- multipart body
@@ -230,6 +235,10 @@ class _MultipartBody:
         self._file_path = ""
         self._file_size = 0
         self._file_left = 0
+        # The SHA-256 of each file's bytes as they were sent, in the order of the parts: what
+        # the server got, which may not be what was hashed before (a file overwritten since).
+        self.digests: list[str] = []
+        self._hash: Any = None
 
     def __len__(self) -> int:
         return self._length
@@ -255,6 +264,7 @@ class _MultipartBody:
             else:
                 self._file_path, self._file_size = segment
                 self._file_left = self._file_size
+                self._hash = hashlib.sha256()
                 try:
                     self._fd = os.open(self._file_path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
                 except OSError as exc:
@@ -279,7 +289,9 @@ class _MultipartBody:
                 OSError(f"{self._file_path} grew while it was being uploaded; upload abandoned")
             )
         self._file_left -= len(data)
+        self._hash.update(data)
         if self._file_left == 0:
+            self.digests.append(self._hash.hexdigest())
             self._close_file()
         elif not data:
             self._close_file()
@@ -1169,6 +1181,12 @@ class MviClient:
         if category_id is not None:
             fields["category_id"] = category_id
         path = f"/datasets/{quote(dataset_id, safe='')}/files"
+        bodies: list[_MultipartBody] = []
+
+        def make_body() -> _MultipartBody:
+            bodies.append(_MultipartBody(fields, parts))
+            return bodies[-1]
+
         body = self._retrying(
             f"POST {path} ({len(parts)} files)",
             lambda exc: _is_safe_to_resend(exc) and not isinstance(exc, DatasetLocked),
@@ -1177,11 +1195,16 @@ class MviClient:
             "POST",
             path,
             idempotent=False,
-            make_body=lambda: _MultipartBody(fields, parts),
+            make_body=make_body,
             missing=f"dataset {dataset_id}",
             result_list=True,
         )
         results = self._file_results(parts, body, path)
+        digests = bodies[-1].digests if bodies else []
+        if len(digests) == len(results):
+            results = [
+                dataclasses.replace(r, sent_sha256=d) for r, d in zip(results, digests, strict=True)
+            ]
         for result in results:
             if result.ok:
                 _log.debug("uploaded %s as %s", result.name, result.file_id)
@@ -1239,6 +1262,20 @@ class MviClient:
                 )
             )
         return results
+
+    def delete_file(self, dataset_id: str, file_id: str) -> None:
+        """Delete file ``file_id`` of dataset ``dataset_id``; one that is gone already is fine.
+
+        Raises NotSupportedError when the server does not delete files, other MviErrors
+        otherwise.
+        """
+        path = f"/datasets/{quote(dataset_id, safe='')}/files/{quote(file_id, safe='')}"
+        try:
+            self._retrying(f"DELETE {path}")(
+                self._authorized, "DELETE", path, idempotent=True, missing=f"file {file_id}"
+            )
+        except NotFoundError:
+            _log.debug("file %s of dataset %s was gone already", file_id, dataset_id)
 
     def list_files(
         self,

@@ -1182,6 +1182,25 @@ class Ledger:
                 f"ledger {self.path}: cannot make the last changes durable: {exc.strerror or exc}"
             ) from exc
 
+    def sent_other_content(self, file_id: int, *, kept_as: str | None, sent_sha256: str) -> None:
+        """The server stored other content than row ``file_id`` recorded (overwritten since).
+
+        With ``kept_as`` None the server's copy was deleted: the row is dropped, and the file
+        is taken in again as a new one. Otherwise the server keeps that copy (file id
+        ``kept_as``): the row records it as uploaded with the hash of what was sent, and its
+        stat data as unknown, so the next look at the file hashes it and sends its content.
+        """
+        now = self._clock()
+        with self._transaction() as db:
+            if kept_as is None:
+                db.execute("DELETE FROM files WHERE id = ? AND state = ?", (file_id, UPLOADING))
+                return
+            db.execute(
+                "UPDATE files SET state = ?, server_file_id = ?, sha256 = ?, mtime_ns = 0, "
+                "uploaded_at = ?, reason = NULL, updated = ? WHERE id = ? AND state = ?",
+                (UPLOADED, kept_as, sent_sha256, now, now, file_id, UPLOADING),
+            )
+
     def mark_rejected(self, results: Iterable[tuple[int, str]]) -> None:
         """Rows the server refused for good: ``(file id, the server's reason)``."""
         now = self._clock()

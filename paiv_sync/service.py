@@ -355,6 +355,7 @@ class Service:
             stop_event=self.stop_event,
             sleep=self._upload_sleep,
             clock=self._clock,
+            look_again=lambda path: self.hint(path, False),
         )
         self.uploader.tags = UploadTags(
             host=socket.gethostname(), instance=self.ledger.instance_id()
@@ -1301,6 +1302,14 @@ class Service:
             self.stop_event.wait(max(0.0, self._next_connect - self._clock()))
         return False
 
+    def _admit_all(self) -> None:
+        """Under ``--once``: wait for every file the gate watches to settle, and take it in."""
+        while len(self.gate) and not self.stop_event.is_set():
+            due = self.gate.next_due()
+            if due is not None:
+                self.stop_event.wait(max(0.0, min(1.0, due - self._clock())))
+            self._admit_settled()
+
     def _run_once(self) -> int:
         assert self.ledger is not None and self.trainer is not None
         if not self._connect_once_mode():
@@ -1313,11 +1322,7 @@ class Service:
             candidates, candidate_bytes = self.gate.totals()
             self._progress_started = self._clock()
             self._progress_add(total=(files + candidates, size + candidate_bytes))
-        while len(self.gate) and not self.stop_event.is_set():
-            due = self.gate.next_due()
-            if due is not None:
-                self.stop_event.wait(max(0.0, min(1.0, due - self._clock())))
-            self._admit_settled()
+        self._admit_all()
         # Batches dispatched while admitting first: a category still in flight would be
         # skipped by the final dispatch.
         self._wait_uploads()
@@ -1326,8 +1331,14 @@ class Service:
         for _ in range(3):
             # Files an upload left in doubt (the server failed mid-batch): settle them against
             # the server now, and send those it does not hold, rather than at the next run.
-            if self._lost.is_set() or self.stop_event.is_set() or not self.ledger.in_doubt():
+            # Files to look at again (overwritten while they were sent) are taken in likewise.
+            if self._lost.is_set() or self.stop_event.is_set():
                 break
+            if not self.ledger.in_doubt() and self.inbox.empty():
+                break
+            while not self.inbox.empty():
+                self._pump(0.0)
+            self._admit_all()
             self._resolve_orphans(now=True)
             while self._orphans is not None and not self.stop_event.is_set():
                 self.stop_event.wait(0.02)

@@ -223,6 +223,7 @@ class Uploader:
         late_checks: int = 3,
         sleep: Callable[[float], object] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        look_again: Callable[[str], None] | None = None,
     ) -> None:
         self.client = client
         self.ledger = ledger
@@ -232,6 +233,8 @@ class Uploader:
         self._max_file_attempts = max_file_attempts
         self._transient_limit = transient_limit
         self._late_checks = late_checks
+        # Told the path of a file whose content changed while it was sent (see _settle_results).
+        self._look_again = look_again
         self._clock = clock
         self._sleep = sleep or stop_event.wait
         # Reconciling reads the category's whole file list: one at a time per category.
@@ -509,6 +512,7 @@ class Uploader:
         """
         uploaded: list[tuple[int, str | None]] = []
         rejected: list[tuple[int, str]] = []
+        moved = 0  # sent while being overwritten: out of the batch, to be taken in again
         by_name: dict[str, list[FileResult]] = {}
         ordered = len(results) == len(rows)
         if not ordered:
@@ -522,6 +526,10 @@ class Uploader:
                 matches = by_name.get(row.upload_name)
                 result = matches.pop(0) if matches else None
             if result is not None and result.ok:
+                if result.sent_sha256 is not None and result.sent_sha256 != row.sha256:
+                    self._sent_other_content(row, result, report)
+                    moved += 1
+                    continue
                 uploaded.append((row.id, result.file_id))
                 report.names.append(f"{row.category}/{row.rel_path}")
                 continue
@@ -533,7 +541,7 @@ class Uploader:
         # durable commit (the next batch's begin_batch, or the service's sync when uploads go
         # quiet) carries it to disk; a power cut before that leaves these rows in doubt, which
         # the next start resolves against the dataset's list rather than sending them again.
-        closing = batch_id if len(uploaded) == len(rows) else None
+        closing = batch_id if len(uploaded) + moved == len(rows) else None
         marked = self.ledger.mark_uploaded(uploaded, durable=False, finish_batch=closing)
         report.uploaded += marked
         report.closed = closing is not None and marked == len(uploaded)
@@ -542,10 +550,44 @@ class Uploader:
             report.rejected += len(rejected)
         settled = {fid for fid, _ in uploaded} | {fid for fid, _ in rejected}
         report.settled_bytes += sum(r.size for r in rows if r.id in settled)
-        if len(uploaded) + len(rejected) < len(rows):
+        if len(uploaded) + len(rejected) + moved < len(rows):
             self._backoff(max(1, faults.worst))
             return False
         return marked == len(uploaded)
+
+    def _sent_other_content(self, row: FileRow, result: FileResult, report: BatchReport) -> None:
+        """The server stored what was read while the file was being overwritten in place.
+
+        That copy is neither the old content nor the new: it is deleted on the server, and
+        the file is looked at again, to be sent once it has settled. Where the server cannot
+        delete it, it stays (and is said so), and the file's content is sent again all the
+        same.
+        """
+        assert result.sent_sha256 is not None
+        kept_as: str | None = None
+        if result.file_id is not None and self.dataset_id is not None:
+            try:
+                self.client.delete_file(self.dataset_id, result.file_id)
+            except MviError as exc:
+                kept_as = result.file_id
+                log.error(
+                    "%s changed while it was being sent, and the server's copy (file %s) is a "
+                    "mix of two versions that could not be deleted (%s); delete it in the MVI "
+                    "UI. The file is sent again once it has settled",
+                    row.rel_path,
+                    result.file_id,
+                    exc,
+                )
+        if kept_as is None:
+            log.warning(
+                "%s changed while it was being sent; the copy the server stored was deleted, "
+                "and the file is sent again once it has settled",
+                row.rel_path,
+            )
+        self.ledger.sent_other_content(row.id, kept_as=kept_as, sent_sha256=result.sent_sha256)
+        report.returned += 1
+        if self._look_again is not None:
+            self._look_again(row.file_path)
 
     def _refused_alone(
         self, row: FileRow, exc: RequestError, report: BatchReport, faults: _FileFaults

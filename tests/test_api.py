@@ -214,6 +214,24 @@ def test_upload_by_category_name_only(emu: Emulator, client: MviClient, tmp_path
     assert {f["category_name"] for f in server_files(emu, dataset)} == {"sea"}
 
 
+def test_upload_tells_the_hash_of_what_was_sent_and_a_file_can_be_deleted(
+    emu: Emulator, client: MviClient, tmp_path: Path
+) -> None:
+    dataset = client.create_dataset("d")
+    parts = write_pngs(tmp_path / "sea", 3)
+
+    results = client.upload(dataset, parts, category_name="sea", category_id=None)
+
+    assert [r.sent_sha256 for r in results] == [sha256(Path(p.path)) for p in parts]
+    held = {f["_id"]: f["sha256"] for f in server_files(emu, dataset)}
+    assert sorted(held.values()) == sorted(r.sent_sha256 for r in results)
+    gone = results[0].file_id
+    assert gone is not None
+    client.delete_file(dataset, gone)
+    client.delete_file(dataset, gone)  # gone already: no error
+    assert {f["_id"] for f in server_files(emu, dataset)} == set(held) - {gone}
+
+
 def test_upload_reports_a_per_file_failure_inside_a_200(
     emu: Emulator, client: MviClient, tmp_path: Path
 ) -> None:

@@ -165,11 +165,14 @@ def test_once_exits_1_when_the_server_is_unreachable(tree: Path) -> None:
         "dataset": {"name": "x"},
         "folders": [str(tree)],
         "ledger": str(tree.parent / "ledger.sqlite3"),
+        "retry": {"initial": 0.1, "maximum": 0.2},
     }
     config = write_config(tree.parent / "configuration.json", data)
     proc = paiv("--config", str(config), "--once", timeout=120)
     assert proc.returncode == 1
     assert "127.0.0.1" in proc.stderr and "Traceback" not in proc.stderr
+    # Five tries, as for every request under --once, then it gives up.
+    assert proc.stderr.count("cannot use the server at") == 5
 
 
 def test_check_reports_a_wrong_password_plainly(emulator: Emulator, tree: Path) -> None:

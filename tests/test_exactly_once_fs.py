@@ -13,6 +13,7 @@ these tests give the service a clock they can move forward.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import threading
 import time
@@ -28,7 +29,7 @@ from paiv_sync.emulator import Emulator
 from paiv_sync.service import Service
 from tests.e2e import FAST_RETRY, config_for, running, server_files, sha, write_image
 from tests.helpers import wait_until
-from tests.test_exactly_once import assert_exactly_once, expected_files
+from tests.test_exactly_once import assert_exactly_once, expected_files, same_size_pngs
 
 
 class Clock:
@@ -165,6 +166,53 @@ def test_a_file_replaced_after_upload_is_a_new_image(emulator: Emulator, root: P
 
         wait_until(seen)
     assert_exactly_once(emulator, {("sea", sha(first)): 1, ("sea", sha(second)): 1})
+
+
+def _overwrite_in_place(path: Path, body: bytes) -> None:
+    """Write ``body`` into the existing file and put its mtime back (``cp -p`` over it)."""
+    before = path.stat()
+    with path.open("r+b") as handle:
+        handle.write(body)
+        handle.truncate()
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+
+def test_a_file_overwritten_before_it_is_sent_is_sent_as_what_it_holds(
+    emulator: Emulator, root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The file is checked and hashed, then overwritten in place with the same size and mtime
+    # before its upload: the server must end up with what the file holds, and the ledger
+    # must know it, not the content hashed before.
+    old, new = same_size_pngs()
+    config = config_for(emulator, root, threshold={"upload": 2, "training": 1000})
+    path = root / "sea" / "wave.png"
+    with running(config) as runner:
+        ledger = runner.service.ledger
+        assert ledger is not None
+        path.write_bytes(old)
+        wait_until(
+            lambda: (row := ledger.lookup(str(root), "sea/wave.png")) and row.sha256 == sha(old),
+            message="wave.png recorded with its first content",
+        )
+        _overwrite_in_place(path, new)
+        other = write_image(root / "sea" / "b.png", 2)  # the threshold is reached: a batch
+        wait_until(
+            lambda: any(
+                "changed while it was being sent" in r.getMessage() for r in caplog.records
+            ),
+            message="the upload of other content noticed",
+        )
+        third = write_image(root / "sea" / "c.png", 3)  # with it, wave.png is sent again
+
+        def settled() -> bool:
+            row = ledger.lookup(str(root), "sea/wave.png")
+            return row is not None and row.state == "uploaded" and row.sha256 == sha(new)
+
+        wait_until(settled, timeout=15, message="wave.png uploaded with what it holds")
+        wait_until(lambda: uploaded(emulator) == 3, message="three files on the server")
+    assert_exactly_once(
+        emulator, {("sea", sha(new)): 1, ("sea", sha(other)): 1, ("sea", sha(third)): 1}
+    )
 
 
 def test_a_file_deleted_before_upload_is_forgotten_and_said_so(
