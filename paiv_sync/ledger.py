@@ -19,6 +19,7 @@ import errno
 import fcntl
 import logging
 import os
+import shutil
 import sqlite3
 import threading
 import time
@@ -124,6 +125,43 @@ class LedgerCorrupt(LedgerError):
     """The ledger's database file is damaged (not a database, or malformed)."""
 
 
+class LedgerWriteError(LedgerError):
+    """A write to the ledger failed (a full or failing disk); nothing of it was kept."""
+
+
+def disk_problem(path: Path, exc: BaseException) -> str:
+    """Say what is wrong with the disk holding ``path`` after ``exc``, and what to do.
+
+    SQLite reports a full disk as "database or disk is full" at best, and often as a bare
+    "disk I/O error" (when it cannot grow its log): the free space tells the two apart.
+    """
+    folder = path.parent
+    try:
+        free: int | None = shutil.disk_usage(folder).free
+    except OSError:
+        free = None
+    code = getattr(exc, "sqlite_errorcode", None)
+    full = (
+        getattr(exc, "errno", None) == errno.ENOSPC
+        or (code is not None and code & 0xFF == _SQLITE_FULL)
+        or (free is not None and free < _LOW_SPACE)
+    )
+    if full:
+        left = f"{free:,} bytes free" if free is not None else "free space unknown"
+        return (
+            f"no space left on the device holding {folder} ({left}): free some space there, "
+            'or move the ledger to a larger disk (the "ledger" key)'
+        )
+    reason = getattr(exc, "strerror", None) or str(exc)
+    return f"{reason} (on the device holding {folder}); check that disk"
+
+
+# SQLite's result code for a full disk, and the free space below which a failed write is put
+# down to a full disk.
+_SQLITE_FULL = 13
+_LOW_SPACE = 1 << 20
+
+
 class LedgerMismatch(LedgerError):
     """The ledger records another server or dataset than the configuration names."""
 
@@ -220,6 +258,9 @@ _TRAINING_COLUMNS = (
 
 # fdatasync where the system has it (Linux); fsync elsewhere (macOS), as SQLite itself does.
 _datasync: Callable[[int], None] = getattr(os, "fdatasync", os.fsync)
+
+# The size (bytes) the write-ahead log is cut back to after a checkpoint (see checkpoint).
+_WAL_LIMIT = 1 << 20
 
 # Host parameters per statement: below SQLITE_MAX_VARIABLE_NUMBER of SQLite before 3.32 (999).
 _MAX_PARAMS = 900
@@ -354,6 +395,9 @@ class Ledger:
             # transaction then syncs the log itself, after letting go of the ledger (see
             # _transaction). WAL with NORMAL never leaves a damaged database after a power cut.
             db.execute("PRAGMA synchronous=NORMAL")
+            # After a checkpoint has gone through the whole log, cut the log file back to
+            # this size: a small state disk must not fill with a log of past writes.
+            db.execute(f"PRAGMA journal_size_limit={_WAL_LIMIT}")
             # A damaged page can hide until the row on it is read: look at every page now,
             # while the file can still be set aside, rather than fail in the middle of a run.
             verdict = db.execute("PRAGMA quick_check(1)").fetchone()
@@ -376,7 +420,7 @@ class Ledger:
             )
             if corrupt:
                 raise LedgerCorrupt(f"ledger {path} cannot be used: it is corrupt ({exc})") from exc
-            raise LedgerError(f"ledger {path} cannot be used: {exc}") from exc
+            raise LedgerError(f"ledger {path} cannot be used: {disk_problem(path, exc)}") from exc
         return db
 
     def _move_aside(self, path: Path) -> Path:
@@ -416,6 +460,16 @@ class Ledger:
                 f"cannot create the ledger at {path}: {exc.strerror or exc}; "
                 'set "ledger" in the configuration to a writable path'
             ) from exc
+        try:
+            return Ledger._lock_as_ours(path, handle)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                handle.close()
+            raise LedgerError(f"cannot open the ledger {path}: {disk_problem(path, exc)}") from exc
+
+    @staticmethod
+    def _lock_as_ours(path: Path, handle: Any) -> Any:
+        """Lock the open lock file ``handle`` and write this process's pid into it."""
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -480,13 +534,23 @@ class Ledger:
             if self._db.in_transaction:
                 yield self._db
                 return
-            self._db.execute("BEGIN IMMEDIATE")
             try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                except BaseException:
+                    with contextlib.suppress(sqlite3.Error):
+                        self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            except sqlite3.OperationalError as exc:
+                # A full or failing disk (SQLite rolls a failed COMMIT back itself).
+                if self._db.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        self._db.execute("ROLLBACK")
+                raise LedgerWriteError(
+                    f"cannot write the ledger {self.path}: {disk_problem(self.path, exc)}"
+                ) from exc
         if durable:
             # Outside the lock: the other threads go on with the ledger while the disk works.
             # The caller returns only once the commit (and every earlier one) is on disk.
@@ -1178,8 +1242,9 @@ class Ledger:
                 fd = self._wal_fd
             _datasync(fd)
         except OSError as exc:
-            raise LedgerError(
-                f"ledger {self.path}: cannot make the last changes durable: {exc.strerror or exc}"
+            raise LedgerWriteError(
+                f"ledger {self.path}: cannot make the last changes durable: "
+                f"{disk_problem(self.path, exc)}"
             ) from exc
 
     def sent_other_content(self, file_id: int, *, kept_as: str | None, sent_sha256: str) -> None:
@@ -1200,6 +1265,20 @@ class Ledger:
                 "uploaded_at = ?, reason = NULL, updated = ? WHERE id = ? AND state = ?",
                 (UPLOADED, kept_as, sent_sha256, now, now, file_id, UPLOADING),
             )
+
+    def checkpoint(self) -> None:
+        """Copy the write-ahead log into the database and cut the log back (when idle).
+
+        SQLite's own checkpoints run every thousand pages and leave the file at its largest
+        size; this one empties it. Raises LedgerWriteError when the disk refuses.
+        """
+        try:
+            with self._lock:
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        except sqlite3.OperationalError as exc:
+            raise LedgerWriteError(
+                f"cannot write the ledger {self.path}: {disk_problem(self.path, exc)}"
+            ) from exc
 
     def mark_rejected(self, results: Iterable[tuple[int, str]]) -> None:
         """Rows the server refused for good: ``(file id, the server's reason)``."""

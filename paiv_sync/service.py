@@ -36,7 +36,14 @@ from paiv_sync.batcher import Debouncer, batches
 from paiv_sync.config import Config
 from paiv_sync.images import Inspection, content_type, inspect_image
 from paiv_sync.layout import Layout, Location, Skip, shown
-from paiv_sync.ledger import Ledger, LedgerError, LedgerMismatch, NewFile, Outcome
+from paiv_sync.ledger import (
+    Ledger,
+    LedgerError,
+    LedgerMismatch,
+    LedgerWriteError,
+    NewFile,
+    Outcome,
+)
 from paiv_sync.retry import RetryPolicy
 from paiv_sync.scanner import SKIP_NOT_REGULAR, scan, scan_stats
 from paiv_sync.stability import Settled, StabilityGate
@@ -87,6 +94,10 @@ def make_client(
     )
 
 
+# How long the ledger may refuse every write before the service stops, and the longest wait
+# between two tries meanwhile (below the health check's stall limit of the pipeline loop).
+LEDGER_GIVE_UP = 600.0
+_LEDGER_BACKOFF_MAX = 30.0
 # Tries of each request (connecting included) under --once, which must end.
 ONCE_TRIES = 5
 # Path hints taken from the inbox per turn of the pipeline loop.
@@ -214,6 +225,12 @@ class Service:
         self._loop_beat = clock()
         self._loop_thread: int | None = None  # the pipeline thread's ident, once it runs
         self._connect_fatal = False  # the last connect failed on credentials or TLS
+        # A ledger that refuses writes (see _ledger_failed); guarded by _beats_lock.
+        self._ledger_down_since: float | None = None
+        self._ledger_failures = 0
+        self._ledger_blocked_until = 0.0
+        self._ledger_said = 0.0
+        self._fatal = False  # the service gave up: run() returns 1
         self._job_beats: dict[int, float] = {}
         self._beats_lock = threading.Lock()
         self._reload_requested = threading.Event()
@@ -328,7 +345,14 @@ class Service:
                 )
                 self._watchdog_thread.start()
             self._loop()
-            return 0
+            return 1 if self._fatal else 0
+        except LedgerWriteError as exc:
+            log.error(
+                "%s; paiv-sync stops (exit 1). Nothing is lost: what was not recorded is "
+                "found again at the next start",
+                exc,
+            )
+            return 1
         finally:
             self._notify("STOPPING=1")
             self._shutdown()
@@ -397,7 +421,10 @@ class Service:
         if self.client is not None:
             self.client.close()
         if self.ledger is not None:
-            self._sync_ledger()
+            try:
+                self._sync_ledger()
+            except LedgerError as exc:
+                log.error("%s", exc)
             self.ledger.close()
             self.ledger = None
 
@@ -408,21 +435,121 @@ class Service:
         self._next_rescan = self._clock() + self.config.rescan_interval
         while not self.stop_event.is_set():
             self._loop_beat = self._clock()
-            self._pump(self._wait_time())
-            if self._reload_requested.is_set():
-                self._reload_requested.clear()
-                self._reload()
-            self._report_status()
-            self._supervise()
-            self._ensure_connected()
-            self._admit_settled()
-            self._collect_uploads()
-            self._resolve_orphans()
-            self._dispatch(force=False)
-            if self.config.rescan_interval and self._clock() >= self._next_rescan:
-                self._next_rescan = self._clock() + self.config.rescan_interval
-                log.debug("periodic rescan")
-                self._scan_all()
+            if self._ledger_held():
+                continue
+            try:
+                self._turn()
+            except LedgerWriteError as exc:
+                self._ledger_failed(exc)
+
+    def _turn(self) -> None:
+        """One turn of the pipeline loop."""
+        self._pump(self._wait_time())
+        if self._reload_requested.is_set():
+            self._reload_requested.clear()
+            self._reload()
+        self._report_status()
+        self._supervise()
+        self._ensure_connected()
+        self._admit_settled()
+        self._collect_uploads()
+        self._resolve_orphans()
+        self._dispatch(force=False)
+        if self.config.rescan_interval and self._clock() >= self._next_rescan:
+            self._next_rescan = self._clock() + self.config.rescan_interval
+            log.debug("periodic rescan")
+            self._scan_all()
+
+    # -- a ledger that cannot be written -------------------------------------------------
+
+    def _ledger_failed(self, exc: LedgerWriteError) -> None:
+        """A write to the ledger failed: hold intake and uploads, back off, and say so.
+
+        Called by the pipeline and by the upload workers. Nothing is lost meanwhile: a file
+        not recorded is found again by the scan made once the ledger can be written, and an
+        upload not recorded stays in doubt, to be settled against the server. After
+        LEDGER_GIVE_UP seconds of failures the service stops (exit 1).
+        """
+        now = self._clock()
+        with self._beats_lock:
+            self._ledger_failures += 1
+            first = self._ledger_down_since is None
+            if self._ledger_down_since is None:
+                self._ledger_down_since = now
+            down_for = now - self._ledger_down_since
+            delay = min(_LEDGER_BACKOFF_MAX, 2.0 ** min(self._ledger_failures - 1, 5))
+            self._ledger_blocked_until = max(self._ledger_blocked_until, now + delay)
+            say = first or now - self._ledger_said >= 60.0
+            if say:
+                self._ledger_said = now
+        if self.once:
+            # --once must end: stop now rather than wait for the disk.
+            if not self._fatal:
+                self._fatal = True
+                log.error(
+                    "%s; paiv-sync --once stops (exit 1). Nothing is lost: what was not "
+                    "recorded is found again by the next run",
+                    exc,
+                )
+            self.stop_event.set()
+            return
+        if down_for >= LEDGER_GIVE_UP:
+            if not self._fatal:
+                self._fatal = True
+                log.error(
+                    "%s; the ledger has refused every write for %.0f min: paiv-sync stops "
+                    "(exit 1). Nothing is lost: what was not recorded is found again at the "
+                    "next start",
+                    exc,
+                    down_for / 60,
+                )
+            self.stop_event.set()
+            return
+        if say:
+            log.error(
+                "%s; nothing is recorded or sent meanwhile; trying again in %.0f s (paiv-sync "
+                "stops if this lasts %.0f min)",
+                exc,
+                delay,
+                LEDGER_GIVE_UP / 60,
+            )
+
+    def _ledger_held(self) -> bool:
+        """Whether the pipeline waits for the ledger (after waiting a moment, if so).
+
+        Once the back-off is over, one small write tells whether the ledger can be written
+        again; then a scan takes in again what could not be recorded meanwhile.
+        """
+        assert self.ledger is not None
+        if self._ledger_down_since is None:
+            return False
+        now = self._clock()
+        if now < self._ledger_blocked_until:
+            self.stop_event.wait(min(1.0, self._ledger_blocked_until - now))
+            return True
+        try:
+            self.ledger.set_meta("last_write_check", str(time.time()))
+            self._sync_ledger()
+        except LedgerWriteError as exc:
+            self._ledger_failed(exc)
+            return True
+        log.warning(
+            "the ledger %s can be written again after %.0f s; going on, and rescanning so "
+            "that no file is missed",
+            self.ledger.path,
+            now - self._ledger_down_since,
+        )
+        with self._beats_lock:
+            self._ledger_down_since = None
+            self._ledger_failures = 0
+        self._pending_dirty = True
+        self._next_orphan_check = 0.0
+        try:
+            self._scan_all()
+        except LedgerWriteError as exc:
+            self._ledger_failed(exc)
+            return True
+        return False
 
     def _wait_time(self) -> float:
         now = self._clock()
@@ -1040,7 +1167,7 @@ class Service:
         return self._pending
 
     def _dispatch(self, *, force: bool) -> None:
-        if not self._connected or self.stop_event.is_set():
+        if not self._connected or self.stop_event.is_set() or self._ledger_down_since is not None:
             return
         assert self.ledger is not None and self._pool is not None
         counts = {c: n for c, n in self._pending_counts().items() if c not in self._inflight}
@@ -1103,7 +1230,11 @@ class Service:
         if self.stop_event.is_set() or self._lost.is_set():
             return
         with self._job():
-            if not self._check_server_duplicates(category):
+            try:
+                if not self._check_server_duplicates(category):
+                    return
+            except LedgerWriteError as exc:
+                self._ledger_failed(exc)
                 return
             rows = self.ledger.pending(category)
             if rows:
@@ -1200,6 +1331,9 @@ class Service:
             log.error("uploads paused: %s", exc)
             self._lost.set()
             return
+        except LedgerWriteError as exc:
+            self._ledger_failed(exc)
+            return
         except Exception:
             log.exception(
                 "upload of %d files of category %r crashed; they stay in the ledger",
@@ -1267,11 +1401,14 @@ class Service:
             self._sync_ledger()
 
     def _sync_ledger(self) -> None:
+        """Make the last writes durable and empty the write-ahead log (uploads are quiet).
+
+        Raises LedgerWriteError when the disk refuses: the pipeline then holds (see
+        _ledger_failed), as the next writes would fail too.
+        """
         assert self.ledger is not None
-        try:
-            self.ledger.sync()
-        except LedgerError as exc:
-            log.error("%s", exc)
+        self.ledger.sync()
+        self.ledger.checkpoint()
 
     def _wait_uploads(self) -> None:
         while self._inflight and not self.stop_event.is_set():
@@ -1345,6 +1482,8 @@ class Service:
                 self._resolve_orphans()
             self._dispatch(force=True)
             self._wait_uploads()
+        if self._fatal:
+            return 1
         self._progress_add(report=True)  # the final counts, after the last files dropped out
         if self._lost.is_set():
             log.error("uploads stopped before everything was sent; see the errors above")

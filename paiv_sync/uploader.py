@@ -827,8 +827,8 @@ class Uploader:
                 return resolved
             self.ledger.mark_pending([r.id for r in rest])
             log.info(
-                "category %r: %d files were in doubt after the last stop: %d already on the "
-                "server, %d to send again",
+                "category %r: %d files were in doubt (their upload's outcome was not "
+                "recorded): %d already on the server, %d to send again",
                 category,
                 len(group),
                 report.uploaded,

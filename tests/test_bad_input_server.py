@@ -505,7 +505,8 @@ def test_files_the_server_kept_failing_are_set_aside_and_sent_again_at_restart(
     clock = SkipClock()
     with service_running(config, clock) as service:
         bodies = [write_image(root / "forest" / f"img{i}.png", i) for i in range(2)]
-        wait_until(lambda: _failed_files(emulator) >= 2, timeout=30, message="both failed once")
+        # Sent a second time: the client has taken in the first failure (and its time).
+        wait_until(lambda: _failed_files(emulator) >= 4, timeout=30, message="both failed twice")
         clock.advance(TRANSIENT_LIMIT + 1)  # the server has failed them for 15 minutes
         rejected = wait_until(
             lambda: len(rows := ledger_of(service).rejected()) == 2 and rows,

@@ -11,9 +11,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import sqlite3
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -239,3 +241,161 @@ def test_the_cli_rebuilds_a_corrupt_ledger_and_sends_only_what_is_new(
     with Ledger(path, readonly=True) as ledger:
         counts = ledger.counts()
     assert counts["forest"]["uploaded"] == 10 and counts["city"]["uploaded"] == 13
+
+
+# -- a full disk (docs/what-happens-when.md, 26c) ------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MB tmpfs mounted for the test (root only; skipped where mounting is not allowed)."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
+        capture_output=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode(errors='replace').strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def _fill(disk: Path) -> Path:
+    """Take every free byte of ``disk`` with one file; return it (delete it to free them)."""
+    filler = disk / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        block = b"\0" * 4096
+        while True:
+            try:
+                os.write(fd, block)
+            except OSError:
+                if len(block) == 1:
+                    break
+                block = block[: len(block) // 2]
+    finally:
+        os.close(fd)
+    return filler
+
+
+def test_a_full_ledger_disk_holds_everything_then_goes_on(
+    emulator: Emulator, root: Path, small_disk: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    ledger_path = small_disk / "state" / "ledger.sqlite3"
+    config = config_for(
+        emulator, root, threshold={"upload": 1, "training": 1000}, ledger=str(ledger_path)
+    )
+    with running(config) as runner:
+        for i in range(3):
+            write_image(root / "forest" / f"before{i}.png", i)
+        wait_until(lambda: sum(server_files(emulator).values()) == 3, message="3 stored")
+        logins = emulator.state()["requests"].get("POST /tokens", 0)
+        filler = _fill(small_disk)
+        for i in range(5):
+            write_image(root / "city" / f"during{i}.png", 10 + i)
+
+        def said(text: str) -> bool:
+            return any(text in r.getMessage() for r in caplog.records)
+
+        wait_until(
+            lambda: said(
+                f"cannot write the ledger {ledger_path}: no space left on the device holding "
+                f"{ledger_path.parent}"
+            ),
+            timeout=30,
+            message="the full disk said",
+        )
+        errors = sum(r.levelno >= logging.ERROR for r in caplog.records)
+        filler.unlink()
+        wait_until(lambda: said("can be written again"), timeout=60, message="recovery said")
+        ledger = runner.service.ledger
+        assert ledger is not None
+        wait_until(
+            lambda: sum(c.get("uploaded", 0) for c in ledger.counts().values()) == 8,
+            timeout=30,
+            message="all 8 recorded as uploaded",
+        )
+    # Held, not looping: no storm of logins and error lines while the disk was full.
+    assert emulator.state()["requests"].get("POST /tokens", 0) - logins <= 1
+    assert errors <= 3
+    assert_exactly_once(emulator, expected_files(root))
+    assert "Traceback" not in caplog.text
+    # The write-ahead log is emptied when uploads go quiet: a small disk does not fill with it.
+    wal = Path(f"{ledger_path}-wal")
+    assert not wal.exists() or wal.stat().st_size <= 1 << 20
+
+
+def test_an_upload_answered_while_the_ledger_disk_is_full_is_not_sent_twice(
+    root: Path, small_disk: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The server holds the upload 3 s; the disk fills meanwhile, so its answer cannot be
+    # recorded: the rows stay "uploading" and are settled against the server later.
+    faults = FaultOptions(latency=3.0, latency_rate=1.0, routes=(UPLOAD_ROUTE,), limit=1)
+    ledger_path = small_disk / "state" / "ledger.sqlite3"
+    with Emulator(EmulatorOptions(port=0, faults=faults)) as emulator:
+        config = config_for(
+            emulator, root, threshold={"upload": 4, "training": 1000}, ledger=str(ledger_path)
+        )
+        with running(config):
+            for i in range(4):
+                write_image(root / "forest" / f"{i}.png", i)
+            wait_until(
+                lambda: emulator.state()["faults"]["latency"] == 1,
+                message="the upload held by the server",
+            )
+            filler = _fill(small_disk)
+            wait_until(
+                lambda: "cannot write the ledger" in caplog.text,
+                timeout=30,
+                message="the full disk said",
+            )
+            filler.unlink()
+            wait_until(lambda: "can be written again" in caplog.text, timeout=60)
+
+            def uploaded() -> int:
+                with Ledger(ledger_path, readonly=True) as ledger:
+                    return ledger.counts().get("forest", {}).get("uploaded", 0)
+
+            wait_until(lambda: uploaded() == 4, timeout=30, message="the 4 rows settled")
+        assert_exactly_once(emulator, expected_files(root))
+    assert "Traceback" not in caplog.text
+
+
+@pytest.mark.parametrize("reader", [False, True], ids=["at-open", "at-first-write"])
+def test_once_on_a_full_ledger_disk_stops_with_exit_1_and_the_next_run_sends_the_rest(
+    emulator: Emulator, root: Path, tmp_path: Path, small_disk: Path, reader: bool
+) -> None:
+    # Without a reader, opening the ledger fails (SQLite cannot create its shared-memory
+    # file); with one holding that file open, the open succeeds and the first write fails.
+    ledger_path = small_disk / "state" / "ledger.sqlite3"
+    config = write_config(
+        tmp_path / "cfg.json", emulator, root, ledger=str(ledger_path), threshold={"upload": 1}
+    )
+    for i in range(3):
+        write_image(root / "forest" / f"before{i}.png", i)
+    first = _cli(config, "--once")
+    assert first.returncode == 0, first.stderr
+    other = sqlite3.connect(ledger_path) if reader else None
+    if other is not None:
+        other.execute("SELECT count(*) FROM files").fetchone()
+    filler = _fill(small_disk)
+    for i in range(5):
+        write_image(root / "city" / f"during{i}.png", 10 + i)
+    held = _cli(config, "--once")
+    assert held.returncode == 1, held.stderr
+    assert f"no space left on the device holding {ledger_path.parent}" in held.stderr
+    assert "Traceback" not in held.stderr
+    assert sum(server_files(emulator).values()) <= 8
+    if other is not None:
+        assert "stops (exit 1). Nothing is lost" in held.stderr
+        other.close()
+    filler.unlink()
+    last = _cli(config, "--once")
+    assert last.returncode == 0, last.stderr
+    assert_exactly_once(emulator, expected_files(root))
