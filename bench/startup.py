@@ -1,7 +1,8 @@
 """Figures 3, 4 and 5: start-up with a full ledger, its peak memory, and the idle cost.
 
 A tree of tiny files stands for images that were all uploaded before: the ledger is written
-directly with SQL, every row ``uploaded`` with the file's real size and mtime, and the dataset
+directly with SQL, every row ``uploaded`` with the file's real stamp (size, mtime, ctime and
+inode), and the dataset
 it names exists on the emulator. Each start-up runs in a fresh child process
 (``bench.startup_child``), which proves that nothing was offered, hashed or added; the emulator
 proves that nothing was sent.
@@ -45,9 +46,9 @@ from paiv_sync.ledger import Ledger
 DATASET = "bench"
 
 
-def tree_stats(root: str) -> dict[str, tuple[int, int]]:
-    """``rel_path -> (size, mtime_ns)`` of every file under ``root``."""
-    result: dict[str, tuple[int, int]] = {}
+def tree_stats(root: str) -> dict[str, tuple[int, int, int, int]]:
+    """``rel_path -> (size, mtime_ns, ctime_ns, inode)`` of every file under ``root``."""
+    result: dict[str, tuple[int, int, int, int]] = {}
     stack = [(root, "")]
     while stack:
         directory, prefix = stack.pop()
@@ -57,14 +58,19 @@ def tree_stats(root: str) -> dict[str, tuple[int, int]]:
                     stack.append((entry.path, prefix + entry.name + "/"))
                 else:
                     info = entry.stat(follow_symlinks=False)
-                    result[prefix + entry.name] = (info.st_size, info.st_mtime_ns)
+                    result[prefix + entry.name] = (
+                        info.st_size,
+                        info.st_mtime_ns,
+                        info.st_ctime_ns,
+                        info.st_ino,
+                    )
     return result
 
 
 def build_ledger(
     path: Path,
     root: str,
-    stats: dict[str, tuple[int, int]],
+    stats: dict[str, tuple[int, int, int, int]],
     *,
     extra: int,
     dataset_id: str,
@@ -81,17 +87,19 @@ def build_ledger(
         now = time.time()
 
         def rows() -> Any:
-            for index, (rel, (size, mtime_ns)) in enumerate(stats.items()):
-                yield _row(root, rel, size, mtime_ns, index, now)
+            for index, (rel, stamp) in enumerate(stats.items()):
+                yield _row(root, rel, stamp, index, now)
             for index in range(extra):
                 category = f"cat{index % 5}"
                 rel = f"{category}/archive{index // 10_000:03d}/x{index:07d}.png"
-                yield _row(root, rel, 4000, 1_600_000_000_000_000_000 + index, index, now)
+                mtime_ns = 1_600_000_000_000_000_000 + index
+                yield _row(root, rel, (4000, mtime_ns, mtime_ns, index + 1), index, now)
 
         db.executemany(
-            "INSERT INTO files (root, rel_path, category, upload_name, size, mtime_ns, sha256, "
-            "content_type, state, attempts, server_file_id, first_seen, updated, uploaded_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, 'image/png', 'uploaded', 1, ?, ?, ?, ?)",
+            "INSERT INTO files (root, rel_path, category, upload_name, size, mtime_ns, ctime_ns, "
+            "inode, sha256, content_type, state, attempts, server_file_id, first_seen, updated, "
+            "uploaded_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'image/png', 'uploaded', 1, ?, ?, ?, ?)",
             rows(),
         )
         total = len(stats) + extra
@@ -112,15 +120,16 @@ def build_ledger(
     return total
 
 
-def _row(root: str, rel: str, size: int, mtime_ns: int, index: int, now: float) -> tuple[Any, ...]:
+def _row(
+    root: str, rel: str, stamp: tuple[int, int, int, int], index: int, now: float
+) -> tuple[Any, ...]:
     name = rel.rsplit("/", 1)[-1]
     return (
         root,
         rel,
         rel.split("/", 1)[0],
         name,
-        size,
-        mtime_ns,
+        *stamp,
         f"{index:064x}",
         f"server-{index}",
         now,

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Protocol
 
 from paiv_sync.hashing import sha256_rest
+from paiv_sync.stamps import Stamp
 
 __all__ = [
     "Inspection",
@@ -173,6 +174,7 @@ class Inspection:
     problem: str | None  # as check_image returns it; None for a complete JPEG or PNG
     kind: str | None = None  # "jpeg" or "png" when problem is None
     sha256: str | None = None  # hex digest of the whole file when problem is None
+    stamp: Stamp | None = None  # the stamp of the file read (from the open file), if regular
 
 
 def _problem(
@@ -237,14 +239,15 @@ def _inspect(path: Path | str, max_size: int | None, *, digest: bool) -> Inspect
         st = os.fstat(handle.fileno())
         if not stat.S_ISREG(st.st_mode):
             return Inspection("not a regular file (a named pipe, socket or device)")
+        stamp = Stamp.of(st)
         head = _read_head(handle)
         size = handle.seek(0, 2)
         problem, kind = _problem(handle, head, size, max_size)
         if problem is not None or not digest:
-            return Inspection(problem, kind)
+            return Inspection(problem, kind, stamp=stamp)
         # Small images (most of them) are whole in ``head``: no second read.
         handle.seek(len(head))
-        return Inspection(None, kind, sha256_rest(handle, head))
+        return Inspection(None, kind, sha256_rest(handle, head), stamp)
 
 
 def _read_head(handle: io.FileIO) -> bytes:

@@ -59,6 +59,8 @@ CREATE TABLE IF NOT EXISTS files (
     first_seen     REAL    NOT NULL,
     updated        REAL    NOT NULL,
     uploaded_at    REAL,
+    ctime_ns       INTEGER,
+    inode          INTEGER,
     UNIQUE (root, rel_path)
 );
 CREATE INDEX IF NOT EXISTS files_by_state ON files (state, category);
@@ -208,6 +210,14 @@ class FileRow:
     attempts: int
     batch_id: int | None
     server_file_id: str | None
+    ctime_ns: int | None = None  # with inode, see paiv_sync.stamps: None in rows recorded
+    # before they were kept
+    inode: int | None = None
+
+    @property
+    def stamp(self) -> tuple[int, int, int | None, int | None]:
+        """``(size, mtime_ns, ctime_ns, inode)`` as recorded (see paiv_sync.stamps.unchanged)."""
+        return (self.size, self.mtime_ns, self.ctime_ns, self.inode)
 
     @property
     def path(self) -> Path:
@@ -248,7 +258,7 @@ class Outcome:
 
 _FILE_COLUMNS = (
     "id, root, rel_path, category, upload_name, size, mtime_ns, sha256, content_type, state, "
-    "reason, attempts, batch_id, server_file_id"
+    "reason, attempts, batch_id, server_file_id, ctime_ns, inode"
 )
 _TRAINING_COLUMNS = (
     "id, name, model_name, dataset_id, pretrained_model, task_id, state, reason, uploads_mark, "
@@ -286,6 +296,19 @@ def _by_root(keys: Iterable[tuple[str, str]]) -> Iterator[tuple[str, Sequence[st
             yield root, chunk
 
 
+def _has_stamp_columns(db: sqlite3.Connection) -> bool:
+    return "ctime_ns" in {row[1] for row in db.execute("PRAGMA table_info(files)")}
+
+
+def _add_stamp_columns(db: sqlite3.Connection) -> None:
+    """Give a ledger of an earlier version the ctime and inode columns (NULL in old rows)."""
+    if not _has_stamp_columns(db):
+        db.execute("BEGIN IMMEDIATE")
+        db.execute("ALTER TABLE files ADD COLUMN ctime_ns INTEGER")
+        db.execute("ALTER TABLE files ADD COLUMN inode INTEGER")
+        db.execute("COMMIT")
+
+
 @dataclass(frozen=True)
 class NewFile:
     """A complete, hashed file for :meth:`Ledger.record_many`."""
@@ -297,6 +320,8 @@ class NewFile:
     mtime_ns: int
     sha256: str
     content_type: str
+    ctime_ns: int | None = None  # with inode: see paiv_sync.stamps
+    inode: int | None = None
 
 
 # The states in which a row's content counts as in the dataset or on its way there.
@@ -338,6 +363,13 @@ class Ledger:
                     f"{path.resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False
                 )
                 self._db.execute("SELECT COUNT(*) FROM files").fetchone()
+                if not _has_stamp_columns(self._db):
+                    # A ledger not opened by this version yet: read it as if it had them
+                    # (a temporary view, in memory, takes the table's name for this reader).
+                    self._db.execute(
+                        "CREATE TEMP VIEW files AS "
+                        "SELECT *, NULL AS ctime_ns, NULL AS inode FROM main.files"
+                    )
             except sqlite3.DatabaseError as exc:
                 raise LedgerError(f"ledger {path} cannot be read: {exc}") from exc
             return
@@ -404,6 +436,7 @@ class Ledger:
             if verdict is None or verdict[0] != "ok":
                 raise sqlite3.DatabaseError(f"integrity check: {verdict[0] if verdict else '?'}")
             db.executescript(_SCHEMA)
+            _add_stamp_columns(db)
             self._db = db
             try:
                 self._check_version()
@@ -671,21 +704,23 @@ class Ledger:
 
     def known_stats(
         self, paths: Iterable[tuple[str, str]]
-    ) -> dict[tuple[str, str], tuple[int, int]]:
-        """``(root, rel_path) -> (size, mtime_ns)`` recorded for those of ``paths`` seen before.
+    ) -> dict[tuple[str, str], tuple[int, int, int | None, int | None]]:
+        """``(root, rel_path) -> (size, mtime_ns, ctime_ns, inode)`` recorded for ``paths``.
+
+        Only paths seen before are in the answer; see paiv_sync.stamps.unchanged.
 
         One hold of the ledger and one statement per root (per few hundred paths) for the lot,
         instead of one :meth:`lookup` each.
         """
-        found: dict[tuple[str, str], tuple[int, int]] = {}
+        found: dict[tuple[str, str], tuple[int, int, int | None, int | None]] = {}
         with self._lock:
             for root, chunk in _by_root(paths):
-                for rel_path, size, mtime_ns in self._db.execute(
-                    "SELECT rel_path, size, mtime_ns FROM files "
+                for rel_path, size, mtime_ns, ctime_ns, inode in self._db.execute(
+                    "SELECT rel_path, size, mtime_ns, ctime_ns, inode FROM files "
                     f"WHERE root = ? AND rel_path IN ({_marks(len(chunk))})",
                     (root, *chunk),
                 ):
-                    found[(root, rel_path)] = (int(size), int(mtime_ns))
+                    found[(root, rel_path)] = (int(size), int(mtime_ns), ctime_ns, inode)
         return found
 
     def get(self, file_id: int) -> FileRow | None:
@@ -693,17 +728,20 @@ class Ledger:
         rows = self._query(f"SELECT {_FILE_COLUMNS} FROM files WHERE id = ?", (file_id,))
         return FileRow(*rows[0]) if rows else None
 
-    def iter_stats(self, root: str, page: int = 5000) -> Iterator[tuple[str, int, int, str]]:
-        """``(rel_path, size, mtime_ns, state)`` of every row under ``root``, by rel_path.
+    def iter_stats(
+        self, root: str, page: int = 5000
+    ) -> Iterator[tuple[str, int, int, str, int | None, int | None]]:
+        """``(rel_path, size, mtime_ns, state, ctime_ns, inode)`` of each row under ``root``.
 
-        Read ``page`` rows at a time (keyset paging on the (root, rel_path) index), so memory
-        stays flat whatever the ledger's size; a row changed meanwhile may show either way.
+        The rows come by rel_path, ``page`` at a time (keyset paging on the (root, rel_path)
+        index), so memory stays flat whatever the ledger's size; a row changed meanwhile may
+        show either way.
         The order is SQLite's binary order, the same as :func:`paiv_sync.scanner.scan_stats`.
         """
         after = ""
         while True:
             rows = self._query(
-                "SELECT rel_path, size, mtime_ns, state FROM files "
+                "SELECT rel_path, size, mtime_ns, state, ctime_ns, inode FROM files "
                 "WHERE root = ? AND rel_path > ? ORDER BY rel_path LIMIT ?",
                 (root, after, page),
             )
@@ -711,6 +749,21 @@ class Ledger:
             if len(rows) < page:
                 return
             after = rows[-1][0]
+
+    def fill_stamps(self, root: str, stamps: Sequence[tuple[str, int, int]]) -> None:
+        """Record ``(rel_path, ctime_ns, inode)`` for rows under ``root`` that have none yet.
+
+        Rows from before ctime and inode were kept get them at the first scan that finds the
+        file unchanged by size and mtime (see paiv_sync.stamps).
+        """
+        if not stamps:
+            return
+        with self._transaction(durable=False) as db:
+            db.executemany(
+                "UPDATE files SET ctime_ns = ?, inode = ? "
+                "WHERE root = ? AND rel_path = ? AND ctime_ns IS NULL",
+                [(ctime_ns, inode, root, rel) for rel, ctime_ns, inode in stamps],
+            )
 
     def record(
         self,
@@ -757,13 +810,20 @@ class Ledger:
                 key = (item.root, item.rel_path)
                 old = known.get(key)
                 if old is not None and old.sha256 == item.sha256:
-                    known[key] = replace(old, size=item.size, mtime_ns=item.mtime_ns)
+                    known[key] = replace(
+                        old,
+                        size=item.size,
+                        mtime_ns=item.mtime_ns,
+                        ctime_ns=item.ctime_ns,
+                        inode=item.inode,
+                    )
                     if key in to_insert:
                         inserts[to_insert[key]] = known[key]
                     else:
                         db.execute(
-                            "UPDATE files SET size = ?, mtime_ns = ?, updated = ? WHERE id = ?",
-                            (item.size, item.mtime_ns, now, old.id),
+                            "UPDATE files SET size = ?, mtime_ns = ?, ctime_ns = ?, inode = ?, "
+                            "updated = ? WHERE id = ?",
+                            (item.size, item.mtime_ns, item.ctime_ns, item.inode, now, old.id),
                         )
                     outcomes.append(Outcome(known[key], new=False))
                     continue
@@ -830,6 +890,8 @@ class Ledger:
                     0,
                     None,
                     None,
+                    item.ctime_ns,
+                    item.inode,
                 )
                 if old is None:
                     to_insert[key] = len(inserts)
@@ -839,14 +901,16 @@ class Ledger:
                 else:
                     db.execute(
                         "UPDATE files SET category = ?, upload_name = ?, size = ?, mtime_ns = ?, "
-                        "sha256 = ?, content_type = ?, state = ?, reason = ?, attempts = 0, "
-                        "batch_id = NULL, server_file_id = NULL, uploaded_at = NULL, updated = ? "
-                        "WHERE id = ?",
+                        "ctime_ns = ?, inode = ?, sha256 = ?, content_type = ?, state = ?, "
+                        "reason = ?, attempts = 0, batch_id = NULL, server_file_id = NULL, "
+                        "uploaded_at = NULL, updated = ? WHERE id = ?",
                         (
                             row.category,
                             row.upload_name,
                             row.size,
                             row.mtime_ns,
+                            row.ctime_ns,
+                            row.inode,
                             row.sha256,
                             row.content_type,
                             state,
@@ -909,7 +973,7 @@ class Ledger:
     @staticmethod
     def _insert_rows(db: sqlite3.Connection, rows: Sequence[FileRow], now: float) -> None:
         """Insert new rows (with the ids already given them) in a few multi-row statements."""
-        columns = 13
+        columns = 15
         for chunk in _chunks(rows, _MAX_PARAMS // columns):
             values: list[Any] = []
             for r in chunk:
@@ -927,25 +991,38 @@ class Ledger:
                     r.reason,
                     now,
                     now,
+                    r.ctime_ns,
+                    r.inode,
                 )
             db.execute(
                 "INSERT INTO files (id, root, rel_path, category, upload_name, size, mtime_ns, "
-                "sha256, content_type, state, reason, first_seen, updated) VALUES "
-                + ", ".join([f"({_marks(columns)})"] * len(chunk)),
+                "sha256, content_type, state, reason, first_seen, updated, ctime_ns, inode) "
+                "VALUES " + ", ".join([f"({_marks(columns)})"] * len(chunk)),
                 values,
             )
 
     def reject(
-        self, *, root: str, rel_path: str, category: str, size: int, mtime_ns: int, reason: str
+        self,
+        *,
+        root: str,
+        rel_path: str,
+        category: str,
+        size: int,
+        mtime_ns: int,
+        reason: str,
+        ctime_ns: int | None = None,
+        inode: int | None = None,
     ) -> FileRow:
         """Record a file that will not be uploaded (not an image, too large, …) with why."""
         now = self._clock()
         with self._transaction(durable=False) as db:
             db.execute(
-                "INSERT INTO files (root, rel_path, category, upload_name, size, mtime_ns, state, "
-                "reason, first_seen, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "INSERT INTO files (root, rel_path, category, upload_name, size, mtime_ns, "
+                "ctime_ns, inode, state, reason, first_seen, updated) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT (root, rel_path) DO UPDATE SET category = excluded.category, "
-                "size = excluded.size, mtime_ns = excluded.mtime_ns, sha256 = NULL, "
+                "size = excluded.size, mtime_ns = excluded.mtime_ns, "
+                "ctime_ns = excluded.ctime_ns, inode = excluded.inode, sha256 = NULL, "
                 "state = excluded.state, reason = excluded.reason, updated = excluded.updated "
                 "WHERE files.state != ?",
                 (
@@ -955,6 +1032,8 @@ class Ledger:
                     Path(rel_path).name,
                     size,
                     mtime_ns,
+                    ctime_ns,
+                    inode,
                     REJECTED,
                     reason,
                     now,
@@ -1332,15 +1411,46 @@ class Ledger:
             )
             db.execute("DELETE FROM trainings WHERE state = ?", (REQUESTING,))
             db.execute("DELETE FROM replaced_uploads")
+            # Uploads to the dataset that is gone count for no training of the new one (the
+            # total itself goes on: it is the uploads counter of the metrics).
+            db.execute(
+                "INSERT INTO meta (key, value) VALUES ('uploads_mark_reset', ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (str(self._uploads_total(db)),),
+            )
             return cursor.rowcount
 
     # -- trainings -----------------------------------------------------------------------
 
     def uploads_since_last_training(self) -> int:
-        """Files confirmed uploaded since the last training request was made."""
-        rows = self._query("SELECT MAX(uploads_mark) FROM trainings")
-        mark = rows[0][0] if rows and rows[0][0] is not None else 0
-        return self.uploads_total() - int(mark)
+        """Files confirmed uploaded to this dataset since the last training request was made.
+
+        Uploads to a dataset that is gone (see reset_for_new_dataset) do not count.
+        """
+        with self._lock:
+            return self._uploads_total(self._db) - self._mark_before(self._db, None)
+
+    def uploads_for(self, training: TrainingRow) -> int:
+        """How many uploads ``training`` was asked for: those since the request before it."""
+        with self._lock:
+            return training.uploads_mark - self._mark_before(self._db, training.id)
+
+    @staticmethod
+    def _uploads_total(db: sqlite3.Connection) -> int:
+        found = db.execute("SELECT value FROM meta WHERE key = 'uploads_total'").fetchone()
+        return int(found[0]) if found else 0
+
+    @staticmethod
+    def _mark_before(db: sqlite3.Connection, training_id: int | None) -> int:
+        """The uploads count from which the next training counts: that of the last request
+        (before ``training_id``, if given), or of the last change of dataset if later."""
+        sql = "SELECT MAX(uploads_mark) FROM trainings"
+        args: tuple[int, ...] = ()
+        if training_id is not None:
+            sql, args = sql + " WHERE id < ?", (training_id,)
+        mark = db.execute(sql, args).fetchone()[0] or 0
+        reset = db.execute("SELECT value FROM meta WHERE key = 'uploads_mark_reset'").fetchone()
+        return max(int(mark), int(reset[0]) if reset else 0)
 
     def training_requested(
         self, *, name: str, model_name: str, dataset_id: str, pretrained_model: str | None

@@ -64,11 +64,16 @@ _IGNORED_NAME_EXTENSIONS = frozenset(Path(name).suffix for name in IGNORED_NAMES
 
 @dataclass(frozen=True, slots=True)
 class Found:
-    """A file the scan found: where it belongs, and its size and mtime from one stat."""
+    """A file the scan found: where it belongs, and its stamp from one stat.
+
+    Size, mtime, ctime and inode number tell its versions apart (see paiv_sync.stamps).
+    """
 
     location: Location
     size: int
     mtime_ns: int
+    ctime_ns: int
+    inode: int
 
 
 @dataclass(slots=True)
@@ -174,7 +179,7 @@ class _Walk:
             self.skip(path, why)
             return None
         location = Location(self.root, parent.prefix + name, parent.folder, parent.category)
-        return Found(location, info.st_size, info.st_mtime_ns)
+        return Found(location, info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino)
 
     def list_dir(self, directory: _Dir) -> list[os.DirEntry[str]] | None:
         """List a directory in walk order; None (after a WARNING) when it cannot be read.
@@ -244,7 +249,8 @@ class _Walk:
     def walk(self, top: _Dir, raw: bool) -> Iterator[Any]:
         """Walk from ``top`` in walk order with an explicit stack (no recursion limit).
 
-        Yields :class:`Found` objects, or ``(rel_path, size, mtime_ns)`` tuples when ``raw``.
+        Yields :class:`Found` objects, or ``(rel_path, size, mtime_ns, ctime_ns, inode)``
+        tuples when ``raw``.
         """
         entries = self.list_dir(top)
         if entries is None:
@@ -296,12 +302,20 @@ class _Walk:
                             continue  # deleted since the listing: nothing to report
                         count += 1
                         if raw:
-                            yield (prefix + name, info.st_size, info.st_mtime_ns)
+                            yield (
+                                prefix + name,
+                                info.st_size,
+                                info.st_mtime_ns,
+                                info.st_ctime_ns,
+                                info.st_ino,
+                            )
                         else:
                             yield Found(
                                 Location(root, prefix + name, folder, category),
                                 info.st_size,
                                 info.st_mtime_ns,
+                                info.st_ctime_ns,
+                                info.st_ino,
                             )
                     elif entry.is_dir(follow_symlinks=False):
                         if follow:
@@ -319,6 +333,8 @@ class _Walk:
                                     result.location.rel_path,
                                     result.size,
                                     result.mtime_ns,
+                                    result.ctime_ns,
+                                    result.inode,
                                 )
                             else:
                                 yield result
@@ -421,7 +437,7 @@ def _start_dir(walk: _Walk, layout: Layout, parts: list[str], start: str) -> _Di
     if isinstance(located, Skip):
         walk.skip(start, located)
         return None
-    return Found(located, info.st_size, info.st_mtime_ns)
+    return Found(located, info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino)
 
 
 def _scan_root(
@@ -501,8 +517,8 @@ def scan_stats(
     *,
     follow_symlinks: bool = False,
     on_skip: OnSkip | None = None,
-) -> Iterator[tuple[str, int, int]]:
-    """Walk one root like :func:`scan`, yielding ``(rel_path, size, mtime_ns)`` tuples.
+) -> Iterator[tuple[str, int, int, int, int]]:
+    """Walk one root like :func:`scan`, yielding ``(rel_path, size, mtime_ns, ctime_ns, inode)``.
 
     For reconciling a whole root with the ledger: no object is built per file, and the order
     is that of ``SELECT … ORDER BY rel_path``, so the two can be merged in one pass without

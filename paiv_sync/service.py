@@ -35,7 +35,7 @@ from paiv_sync.api import (
 from paiv_sync.batcher import Debouncer, batches
 from paiv_sync.config import Config
 from paiv_sync.images import Inspection, content_type, inspect_image
-from paiv_sync.layout import Layout, Location, Skip, shown
+from paiv_sync.layout import SKIP_EXTENSION, SKIP_IN_ROOT, Layout, Location, Skip, shown
 from paiv_sync.ledger import (
     Ledger,
     LedgerError,
@@ -47,6 +47,7 @@ from paiv_sync.ledger import (
 from paiv_sync.retry import RetryPolicy
 from paiv_sync.scanner import SKIP_NOT_REGULAR, scan, scan_stats
 from paiv_sync.stability import Settled, StabilityGate
+from paiv_sync.stamps import Stamp, unchanged
 from paiv_sync.trainer import Trainer
 from paiv_sync.uploader import DatasetGone, Uploader, UploadsPaused, UploadTags
 from paiv_sync.watcher import Watcher
@@ -100,6 +101,8 @@ LEDGER_GIVE_UP = 600.0
 _LEDGER_BACKOFF_MAX = 30.0
 # Tries of each request (connecting included) under --once, which must end.
 ONCE_TRIES = 5
+# Rows given their ctime and inode per write while a scan goes through an older ledger.
+_FILL_BATCH = 5000
 # Path hints taken from the inbox per turn of the pipeline loop.
 _HINTS_PER_TURN = 256
 # Seconds between two looks for rows in doubt that no upload is settling.
@@ -591,6 +594,12 @@ class Service:
             return
         where = self.layout.locate(path)
         if isinstance(where, Skip):
+            if where in (SKIP_EXTENSION, SKIP_IN_ROOT) and os.path.islink(path):
+                # A link named like no image: perhaps a folder linked in (watchdog reports a
+                # new link as a file). The scan's rules decide: skipped with a warning, or,
+                # with follow_symlinks, walked now rather than at the next rescan.
+                self._scan_subtree(Path(path))
+                return
             self._skip(path, where)
             return
         # The scan's rules for this one path, so an event cannot let in what a scan keeps out:
@@ -686,7 +695,8 @@ class Service:
         out_of_order: set[str] = set()
         previous = ""
         offered = 0
-        for count, (rel, size, mtime_ns) in enumerate(
+        fills: list[tuple[str, int, int]] = []  # ctime and inode for rows without them
+        for count, (rel, size, mtime_ns, ctime_ns, inode) in enumerate(
             scan_stats(
                 self.layout,
                 root,
@@ -700,7 +710,7 @@ class Service:
             if rel <= previous:
                 out_of_order.add(rel)
                 found = self.ledger.lookup(root_text, rel)
-                if found is None or (found.size, found.mtime_ns) != (size, mtime_ns):
+                if found is None or not unchanged(found.stamp, size, mtime_ns, ctime_ns, inode):
                     self.gate.offer(os.path.join(root_text, rel), size, mtime_ns)
                     offered += 1
                 continue
@@ -710,9 +720,14 @@ class Service:
                     gone.append(row[0])
                 row = next(known, None)
             if row is not None and row[0] == rel:
-                unchanged = row[1] == size and row[2] == mtime_ns
+                recorded = (row[1], row[2], row[4], row[5])
                 row = next(known, None)
-                if unchanged:
+                if unchanged(recorded, size, mtime_ns, ctime_ns, inode):
+                    if recorded[2] is None:
+                        fills.append((rel, ctime_ns, inode))
+                        if len(fills) >= _FILL_BATCH:
+                            self.ledger.fill_stamps(root_text, fills)
+                            fills = []
                     continue
             self.gate.offer(os.path.join(root_text, rel), size, mtime_ns)
             offered += 1
@@ -720,6 +735,7 @@ class Service:
             if row[3] == states.PENDING:
                 gone.append(row[0])
             row = next(known, None)
+        self.ledger.fill_stamps(root_text, fills)
         if root.is_dir():  # vanished during the scan: do not take its files for deleted
             for rel in gone:
                 if rel not in out_of_order:
@@ -742,7 +758,9 @@ class Service:
         ):
             loc = found.location
             row = self.ledger.lookup(str(loc.root), loc.rel_path)
-            if row is not None and (row.size, row.mtime_ns) == (found.size, found.mtime_ns):
+            if row is not None and unchanged(
+                row.stamp, found.size, found.mtime_ns, found.ctime_ns, found.inode
+            ):
                 continue
             self.gate.offer(os.path.join(loc.root, loc.rel_path), found.size, found.mtime_ns)
 
@@ -777,11 +795,8 @@ class Service:
             for settled, where in located:
                 if self.stop_event.is_set():
                     return
-                if known.get((str(where.root), where.rel_path)) == (
-                    settled.size,
-                    settled.mtime_ns,
-                ):
-                    # Recorded as it is (an event for a file the scan had seen).
+                if self._recorded_as_is(settled, known.get((str(where.root), where.rel_path))):
+                    # An event for a file the scan had seen, or a touch: nothing new.
                     self._nothing_to_send(settled.size)
                     continue
                 found = self._inspect(settled, where)
@@ -790,6 +805,25 @@ class Service:
             self._admit(checked)
             self._collect_uploads()
             self._dispatch(force=self.once)
+
+    @staticmethod
+    def _recorded_as_is(
+        settled: Settled, recorded: tuple[int, int, int | None, int | None] | None
+    ) -> bool:
+        """Whether the ledger's row (its stamp) shows ``settled`` as it is: no need to read it.
+
+        Size and mtime are what the gate saw; ctime and inode, when the row has them, take one
+        more stat here, so a replacement that kept size and mtime (``cp -p``) is read.
+        """
+        if recorded is None or recorded[:2] != (settled.size, settled.mtime_ns):
+            return False
+        if recorded[2] is None:
+            return True  # a row from before ctime and inode were kept: size and mtime decide
+        try:
+            st = os.stat(settled.path)
+        except OSError:
+            return False  # _inspect says what is wrong
+        return unchanged(recorded, *Stamp.of(st))
 
     def _gone(self, gone: Settled) -> None:
         self._nothing_to_send(gone.size)
@@ -815,9 +849,12 @@ class Service:
                 "%s cannot be read (%s); will try again at the next scan", rel, exc.strerror or exc
             )
             return None
-        if (st.st_size, st.st_mtime_ns) != (settled.size, settled.mtime_ns):
-            # Still being written: back to the gate, still to be sent (the size counted for
-            # progress is the one seen first; a file growing meanwhile makes the bytes a guess).
+        if (st.st_size, st.st_mtime_ns) != (settled.size, settled.mtime_ns) or (
+            seen.stamp is not None and Stamp.of(st) != seen.stamp
+        ):
+            # Still being written, or replaced while it was read: back to the gate, still to
+            # be sent (the size counted for progress is the one seen first; a file growing
+            # meanwhile makes the bytes a guess).
             self.gate.offer(settled.path, st.st_size, st.st_mtime_ns)
             return None
         return _Checked(where, settled, seen)
@@ -839,6 +876,8 @@ class Service:
                     size=settled.size,
                     mtime_ns=settled.mtime_ns,
                     reason=found.seen.problem,
+                    ctime_ns=found.seen.stamp.ctime_ns if found.seen.stamp else None,
+                    inode=found.seen.stamp.inode if found.seen.stamp else None,
                 )
                 self.summary.rejected += 1
                 self._nothing_to_send(settled.size)
@@ -854,6 +893,8 @@ class Service:
                         found.settled.mtime_ns,
                         found.seen.sha256 or "",
                         content_type(found.seen.kind or "jpeg"),
+                        found.seen.stamp.ctime_ns if found.seen.stamp else None,
+                        found.seen.stamp.inode if found.seen.stamp else None,
                     )
                     for found in images
                 ],

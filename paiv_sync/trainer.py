@@ -128,7 +128,7 @@ class Trainer:
                 self._last_missing = missing
             return None
         self._last_missing = None
-        return self._start(dataset_id, since)
+        return self._start(dataset_id)
 
     def _busy_on_server(self, dataset_id: str) -> bool:
         running = [
@@ -157,7 +157,7 @@ class Trainer:
                 server_counts[name] = server_counts.get(name, 0) + 1
         return missing_for_training(server_counts)
 
-    def _start(self, dataset_id: str, since: int) -> TrainingRow | None:
+    def _start(self, dataset_id: str) -> TrainingRow | None:
         name = model_name_for(self.model_name, self._now())
         last = self.ledger.last_training()
         if last is not None and last.name.startswith(name):
@@ -206,7 +206,7 @@ class Trainer:
             name,
             task_id,
             dataset_id,
-            since,
+            self.ledger.uploads_for(row),  # more may have come since the step began
             f", retraining from model {pretrained}" if pretrained else "",
         )
         return self.ledger.training(row.id)

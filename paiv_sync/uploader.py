@@ -79,6 +79,9 @@ _REFUSAL_WORDS = (
     "could not decode",
 )
 
+# How often (seconds) each category looks for uploads of another paiv-sync from its folder.
+OTHER_FEEDER_INTERVAL = 600.0
+
 # How long the server may keep failing one file (while storing others) before it is set aside
 # as rejected; a restart or ``paiv-sync retry`` sends it again.
 TRANSIENT_LIMIT = 900.0
@@ -249,6 +252,11 @@ class Uploader:
         # it was seen (and then kept in the ledger), True or False after.
         self.tags: UploadTags | None = None
         self._tag_support: dict[str, bool] = {}
+        # Looking for another paiv-sync feeding the dataset from the same folders: when each
+        # category is due, what was said, and since when (server time, epoch ms) it counts.
+        self._feeder_checks: dict[str, float] = {}
+        self._feeders_said: set[tuple[str, str]] = set()
+        self._started_ms = int(time.time() * 1000)
 
     def _category_lock(self, category: str) -> threading.Lock:
         with self._locks_guard:
@@ -295,7 +303,58 @@ class Uploader:
                 category,
                 dataset_id,
             )
+            self._look_for_other_feeders(dataset_id, category, file_ids)
         return report
+
+    def _look_for_other_feeders(
+        self, dataset_id: str, category: str, file_ids: Sequence[int]
+    ) -> None:
+        """Say so when another paiv-sync uploads from the same folder into this dataset.
+
+        Two services with their own ledgers on the same folders each send every image: the
+        dataset gets it twice. Their uploads carry another instance tag: one query (every
+        OTHER_FEEDER_INTERVAL per category, where the server keeps and queries the tags) finds
+        such files stored since this process started.
+        """
+        tags = self.tags
+        now = self._clock()
+        if (
+            tags is None
+            or not self.tags_supported(dataset_id)
+            or now < self._feeder_checks.get(category, 0.0)
+        ):
+            return
+        self._feeder_checks[category] = now + OTHER_FEEDER_INTERVAL
+        rows = [r for r in (self.ledger.get(i) for i in file_ids) if r is not None]
+        folder = tags.metadata(0, rows)[TAG_FOLDER] if rows else ""
+        if not folder or any(c in folder for c in '"\\,'):
+            return  # not a value a query can carry safely: the check is skipped
+        query = (
+            f'metadata.{TAG_FOLDER} == "{folder}", metadata.{TAG_INSTANCE} != "{tags.instance}", '
+            f"created_at > {self._started_ms}"
+        )
+        try:
+            found = self.client.list_files(dataset_id, query=query, limit=1, retry=False)
+            if not found:
+                return
+            other = self.client.file_metadata(dataset_id, str(found[0].get("_id")), retry=False)
+        except MviError as exc:
+            log.debug("could not look for another paiv-sync feeding %s: %s", folder, exc)
+            return
+        instance = str(other.get(TAG_INSTANCE, "?"))
+        if (folder, instance) in self._feeders_said:
+            return
+        self._feeders_said.add((folder, instance))
+        log.warning(
+            "another paiv-sync (host %s, instance %s, not this one's ledger) is uploading files "
+            "from %s into dataset %s too: each image may reach the dataset twice. Run one "
+            "paiv-sync per folder and dataset (stop the other, or take the folder out of one "
+            "of the configurations)",
+            other.get(TAG_HOST, "?"),
+            instance,
+            folder,
+            dataset_id,
+        )
 
     def _send_batch(
         self,

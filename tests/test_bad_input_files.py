@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sqlite3
 import tempfile
 import threading
 import time
@@ -435,7 +436,12 @@ def test_symlink_out_of_the_root_is_not_followed(
         good = write_image(root / "city" / "good.png", 3)
         wait_until(lambda: server_count(emulator) == 1, timeout=10)
         why = "symbolic link pointing outside its root folder" if follow else "not followed"
-        for path in ("forest/at-start.png", "city/runtime.png"):
+        for path in (
+            "forest/at-start.png",
+            "forest/linked-dir",
+            "city/runtime.png",
+            "city/runtime-dir",
+        ):
             wait_until(
                 lambda path=path: any(
                     line.startswith(f"{root / path} skipped: ") and line.endswith(why)
@@ -448,6 +454,20 @@ def test_symlink_out_of_the_root_is_not_followed(
         assert ledger_of(service).lookup(str(root), "city/runtime.png") is None
     assert dict(server_files(emulator)) == {("city", sha(good)): 1}
     assert ("forest", sha(secret)) not in server_files(emulator)
+
+
+def test_a_category_folder_linked_in_while_running_is_taken_at_once(
+    emulator: Emulator, root: Path
+) -> None:
+    # follow_symlinks: a link created at run time to a folder inside the root (here a hidden
+    # one, as a sync tool keeps its store) is walked when it appears, not at the next rescan
+    # (the tests' configuration has none).
+    store = root / ".store" / "harbour"
+    bodies = [write_image(store / f"{i}.png", i) for i in range(3)]
+    with service_running(cfg(emulator, root, follow_symlinks=1)):
+        (root / "harbour").symlink_to(store, target_is_directory=True)
+        wait_until(lambda: server_count(emulator) == 3, message="the linked folder's images")
+    assert dict(server_files(emulator)) == {("harbour", sha(b)): 1 for b in bodies}
 
 
 # -- names and folders that are not images -----------------------------------------------
@@ -653,6 +673,136 @@ def test_file_changed_after_upload_is_uploaded_as_a_new_image(
         )
     assert dict(server_files(emulator)) == {("forest", sha(old)): 1, ("forest", sha(new)): 1}
     assert row is not None and row.sha256 == sha(new) and row.state == "uploaded"
+
+
+# -- a replacement that keeps size and mtime (docs/what-happens-when.md, 8a) -----------------
+
+# Two test images of the same size (759 bytes), with other content.
+_SAME_SIZE_SEEDS = (5, 10)
+
+
+def _replace_keeping_size_and_mtime(path: Path, body: bytes, how: str) -> None:
+    """Replace ``path`` with ``body`` as ``cp -p`` (in place) or ``rsync -t`` (renamed) do."""
+    st = path.stat()
+    assert len(body) == st.st_size
+    if how == "cp-p":
+        with open(path, "r+b") as handle:
+            handle.write(body)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    else:
+        temp = path.with_name(f".{path.name}.rsync")
+        temp.write_bytes(body)
+        os.utime(temp, ns=(st.st_atime_ns, st.st_mtime_ns))
+        temp.replace(path)
+    after = path.stat()
+    assert (after.st_size, after.st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+
+
+@pytest.mark.parametrize("how", ["cp-p", "rsync-t"])
+def test_a_replacement_keeping_size_and_mtime_is_seen_while_watching(
+    emulator: Emulator, root: Path, how: str
+) -> None:
+    path = root / "forest" / "a.png"
+    old = write_image(path, _SAME_SIZE_SEEDS[0])
+    new = make_png(16, 16, seed=_SAME_SIZE_SEEDS[1])
+    with service_running(cfg(emulator, root)) as service:
+        wait_until(
+            lambda: (
+                (r := ledger_of(service).lookup(str(root), "forest/a.png"))
+                and r.state == "uploaded"
+            ),
+            message="the first version recorded as uploaded",
+        )
+        _replace_keeping_size_and_mtime(path, new, how)
+        wait_until(lambda: server_count(emulator) == 2, message="the new version stored")
+    assert dict(server_files(emulator)) == {("forest", sha(old)): 1, ("forest", sha(new)): 1}
+
+
+@pytest.mark.parametrize("how", ["cp-p", "rsync-t"])
+def test_a_replacement_keeping_size_and_mtime_is_seen_at_the_next_start(
+    emulator: Emulator, root: Path, how: str
+) -> None:
+    path = root / "forest" / "a.png"
+    old = write_image(path, _SAME_SIZE_SEEDS[0])
+    config = cfg(emulator, root)
+    assert Service(config, once=True, retry=FAST_RETRY).run() == 0
+    _replace_keeping_size_and_mtime(path, make_png(16, 16, seed=_SAME_SIZE_SEEDS[1]), how)
+    assert Service(config, once=True, retry=FAST_RETRY).run() == 0
+    new = path.read_bytes()
+    assert dict(server_files(emulator)) == {("forest", sha(old)): 1, ("forest", sha(new)): 1}
+
+
+def test_a_chmod_or_a_rename_back_sends_nothing_again(emulator: Emulator, root: Path) -> None:
+    # Both change the ctime (and the rename the inode): one hash says the content is the same.
+    path = root / "forest" / "a.png"
+    body = write_image(path, 1)
+    config = cfg(emulator, root)
+    assert Service(config, once=True, retry=FAST_RETRY).run() == 0
+    path.chmod(0o600)
+    moved = path.with_name("b.tmp")
+    shutil.copy2(path, moved)
+    moved.replace(path)
+    assert Service(config, once=True, retry=FAST_RETRY).run() == 0
+    assert dict(server_files(emulator)) == {("forest", sha(body)): 1}
+    with Ledger(config.ledger_path, readonly=True) as ledger:
+        row = ledger.lookup(str(root), "forest/a.png")
+    assert row is not None and row.state == "uploaded"
+    assert (row.ctime_ns, row.inode) == (path.stat().st_ctime_ns, path.stat().st_ino)
+
+
+def test_rows_of_an_older_ledger_get_their_ctime_and_inode_at_the_first_scan(
+    emulator: Emulator, root: Path
+) -> None:
+    path = root / "forest" / "a.png"
+    old = write_image(path, _SAME_SIZE_SEEDS[0])
+    config = cfg(emulator, root)
+    assert Service(config, once=True, retry=FAST_RETRY).run() == 0
+    with sqlite3.connect(config.ledger_path) as db:  # as a ledger of an earlier version has them
+        db.execute("UPDATE files SET ctime_ns = NULL, inode = NULL")
+    assert Service(config, once=True, retry=FAST_RETRY).run() == 0  # size and mtime decide
+    assert server_count(emulator) == 1
+    with Ledger(config.ledger_path, readonly=True) as ledger:
+        row = ledger.lookup(str(root), "forest/a.png")
+    assert row is not None and (row.ctime_ns, row.inode) == (
+        path.stat().st_ctime_ns,
+        path.stat().st_ino,
+    )
+    _replace_keeping_size_and_mtime(path, make_png(16, 16, seed=_SAME_SIZE_SEEDS[1]), "cp-p")
+    assert Service(config, once=True, retry=FAST_RETRY).run() == 0
+    new = path.read_bytes()
+    assert dict(server_files(emulator)) == {("forest", sha(old)): 1, ("forest", sha(new)): 1}
+
+
+def test_two_services_with_their_own_ledgers_on_the_same_folder_are_told(
+    emulator: Emulator, root: Path, tmp_path: Path, logs: pytest.LogCaptureFixture
+) -> None:
+    first = cfg(emulator, root, ledger=str(tmp_path / "one" / "ledger.sqlite3"))
+    second = cfg(emulator, root, ledger=str(tmp_path / "two" / "ledger.sqlite3"))
+    with service_running(first), service_running(second):
+        for i in range(4):
+            write_image(root / "forest" / f"{i}.png", i)
+        wait_until(
+            lambda: any("another paiv-sync" in line for line in lines(logs, logging.WARNING)),
+            message="the other service named",
+        )
+    said = next(line for line in lines(logs, logging.WARNING) if "another paiv-sync" in line)
+    assert f"from {root / 'forest'} into dataset" in said
+    assert "each image may reach the dataset twice" in said
+
+
+def test_one_service_after_another_on_the_same_folder_is_not_taken_for_two(
+    emulator: Emulator, root: Path, tmp_path: Path, logs: pytest.LogCaptureFixture
+) -> None:
+    # A new ledger (moved, rebuilt, a new default path) is a new instance: the uploads of the
+    # earlier one, made before this process started, are not another service at work.
+    first = cfg(emulator, root, ledger=str(tmp_path / "one" / "ledger.sqlite3"))
+    write_image(root / "forest" / "a.png", 1)
+    assert Service(first, once=True, retry=FAST_RETRY).run() == 0
+    second = cfg(emulator, root, ledger=str(tmp_path / "two" / "ledger.sqlite3"))
+    write_image(root / "forest" / "b.png", 2)
+    assert Service(second, once=True, retry=FAST_RETRY).run() == 0
+    assert server_count(emulator) == 2  # a.png was found on the server: not sent again
+    assert not any("another paiv-sync" in line for line in lines(logs, logging.WARNING))
 
 
 def test_second_instance_on_the_same_ledger_refuses_to_start(

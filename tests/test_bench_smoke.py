@@ -70,8 +70,8 @@ def _full_ledger(tmp_path: Path, emulator: EmulatorProcess, *, stale: int) -> Pa
     root_text = str(config.folders[0])
     stats = startup.tree_stats(root_text)
     for rel in sorted(stats)[:stale]:
-        size, mtime_ns = stats[rel]
-        stats[rel] = (size, mtime_ns - 1)
+        size, mtime_ns, ctime_ns, inode = stats[rel]
+        stats[rel] = (size, mtime_ns - 1, ctime_ns, inode)
     dataset_id = startup.create_dataset(emulator.url)
     startup.build_ledger(config.ledger_path, root_text, stats, extra=5, dataset_id=dataset_id)
     path = tmp_path / "config.json"

@@ -87,7 +87,10 @@ def test_ledger_totals_known_stats_and_a_later_sync(tmp_path: Path) -> None:
             ids.append(outcome.row.id)
         assert ledger.pending_totals() == (3, 4350)
         known = ledger.known_stats([("/r", "c/0.png"), ("/r", "c/2.png"), ("/r", "c/9.png")])
-        assert known == {("/r", "c/0.png"): (100, 0), ("/r", "c/2.png"): (4000, 2)}
+        assert known == {
+            ("/r", "c/0.png"): (100, 0, None, None),
+            ("/r", "c/2.png"): (4000, 2, None, None),
+        }
         batch = ledger.begin_batch("c", "dataset", ids[:2])
         assert ledger.pending_totals() == (1, 4000)
         assert ledger.mark_uploaded([(ids[0], "s0"), (ids[1], "s1")], durable=False) == 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -128,6 +129,37 @@ def test_trainings_and_uploads_since(led: Ledger) -> None:
     assert last is not None and last.name == "m-1"
 
 
+def test_a_training_counts_exactly_the_uploads_before_its_request(led: Ledger) -> None:
+    ids = [record(led, f"forest/{i}.png", f"h{i}").row.id for i in range(30)]
+    led.begin_batch("forest", "ds", ids)
+    led.mark_uploaded([(i, None) for i in ids[:12]])
+    led.mark_uploaded([(i, None) for i in ids[12:24]])  # landed while the trainer decided
+    first = led.training_requested(
+        name="m-1", model_name="m", dataset_id="ds", pretrained_model=None
+    )
+    assert led.uploads_for(first) == 24
+    led.mark_uploaded([(i, None) for i in ids[24:]])
+    second = led.training_requested(
+        name="m-2", model_name="m", dataset_id="ds", pretrained_model=None
+    )
+    assert led.uploads_for(second) == 6 and led.uploads_for(first) == 24
+
+
+def test_uploads_to_a_dataset_that_is_gone_count_for_no_training(led: Ledger) -> None:
+    ids = [record(led, f"forest/{i}.png", f"h{i}").row.id for i in range(5)]
+    led.begin_batch("forest", "ds", ids)
+    led.mark_uploaded([(i, None) for i in ids[:3]])
+    assert led.uploads_since_last_training() == 3
+    assert led.reset_for_new_dataset() == 5
+    assert led.uploads_since_last_training() == 0
+    led.begin_batch("forest", "new", ids[:2])
+    led.mark_uploaded([(i, None) for i in ids[:2]])
+    assert led.uploads_since_last_training() == 2
+    assert led.uploads_total() == 5  # the metrics' counter goes on
+    t = led.training_requested(name="m-1", model_name="m", dataset_id="new", pretrained_model=None)
+    assert led.uploads_for(t) == 2 and led.uploads_since_last_training() == 0
+
+
 def test_state_survives_reopen(tmp_path: Path) -> None:
     path = tmp_path / "l.sqlite3"
     with Ledger(path) as led:
@@ -137,7 +169,7 @@ def test_state_survives_reopen(tmp_path: Path) -> None:
     with Ledger(path) as led:
         assert [r.rel_path for r in led.in_doubt()] == ["forest/a.png"]
         assert led.get_meta("dataset_id") == "ds"
-        assert list(led.iter_stats("/r")) == [("forest/a.png", 10, 1, L.UPLOADING)]
+        assert list(led.iter_stats("/r")) == [("forest/a.png", 10, 1, L.UPLOADING, None, None)]
 
 
 def test_reset_for_new_dataset(led: Ledger) -> None:
@@ -271,7 +303,7 @@ def test_large_batches_are_marked_in_chunks(led: Ledger) -> None:
     batch = led.begin_batch("forest", "ds", ids)
     assert len(led.batch_rows(batch)) == 1200
     assert led.known_stats(("/r", i.rel_path) for i in items) == {
-        ("/r", i.rel_path): (10, 1) for i in items
+        ("/r", i.rel_path): (10, 1, None, None) for i in items
     }
     assert led.mark_uploaded([(fid, f"server-{fid}") for fid in ids]) == 1200
     assert led.mark_uploaded([(fid, "again") for fid in ids]) == 0
@@ -346,3 +378,26 @@ def test_the_last_rows_of_a_batch_close_it_in_the_same_commit(led: Ledger) -> No
         0
     ]
     assert finished is not None and outcome == "done"
+
+
+def test_a_ledger_of_an_earlier_version_gains_ctime_and_inode(tmp_path: Path) -> None:
+    path = tmp_path / "l.sqlite3"
+    legacy = L._SCHEMA.replace("    ctime_ns       INTEGER,\n    inode          INTEGER,\n", "")
+    assert "ctime_ns" not in legacy
+    with sqlite3.connect(path) as db:
+        db.executescript(legacy)
+        db.execute(
+            "INSERT INTO files (root, rel_path, category, upload_name, size, mtime_ns, sha256, "
+            "state, first_seen, updated) VALUES ('/r', 'forest/a.png', 'forest', 'a.png', 10, "
+            "1, 'h1', 'uploaded', 0, 0)"
+        )
+    with Ledger(path, readonly=True) as led:  # status, while the old service still runs
+        row = led.lookup("/r", "forest/a.png")
+        assert row is not None and row.stamp == (10, 1, None, None)
+    with Ledger(path) as led:
+        assert list(led.iter_stats("/r")) == [("forest/a.png", 10, 1, L.UPLOADED, None, None)]
+        led.fill_stamps("/r", [("forest/a.png", 7, 42)])
+        row = led.lookup("/r", "forest/a.png")
+        assert row is not None and row.stamp == (10, 1, 7, 42)
+        led.fill_stamps("/r", [("forest/a.png", 8, 43)])  # only rows that have none
+        assert led.known_stats([("/r", "forest/a.png")]) == {("/r", "forest/a.png"): (10, 1, 7, 42)}

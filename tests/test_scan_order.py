@@ -43,7 +43,7 @@ def test_scan_yields_relative_paths_in_the_ledgers_order(tmp_path: Path) -> None
     root = tmp_path / "root"
     made = _tree(root)
     layout = Layout([root], recursive=True, categories={})
-    found = [rel for rel, _size, _mtime in scan_stats(layout, layout.roots[0])]
+    found = [rel for rel, *_stamp in scan_stats(layout, layout.roots[0])]
     assert set(found) == made
     assert found == _sqlite_order(found)
     assert found == sorted(found)
@@ -55,8 +55,10 @@ def test_scan_and_scan_stats_agree(tmp_path: Path) -> None:
     layout = Layout([root], recursive=True, categories={})
     objects = list(scan(layout))
     tuples = list(scan_stats(layout, layout.roots[0]))
-    assert [(f.location.rel_path, f.size, f.mtime_ns) for f in objects] == tuples
-    sizes = {rel: size for rel, size, _ in tuples}
+    assert [
+        (f.location.rel_path, f.size, f.mtime_ns, f.ctime_ns, f.inode) for f in objects
+    ] == tuples
+    sizes = {rel: size for rel, size, *_rest in tuples}
     assert sizes["a/a.png"] == 1 and sizes["a/a-b/x.jpg"] == 1
 
 
@@ -67,5 +69,5 @@ def test_followed_links_come_after_the_real_entries(tmp_path: Path) -> None:
     (root / "cat" / "z.jpg").write_bytes(b"z")
     (root / "cat" / "a-link.jpg").symlink_to(root / "cat" / "z.jpg")
     layout = Layout([root], recursive=True, categories={})
-    found = [rel for rel, _, _ in scan_stats(layout, layout.roots[0], follow_symlinks=True)]
+    found = [rel for rel, *_ in scan_stats(layout, layout.roots[0], follow_symlinks=True)]
     assert found == ["cat/sub/b.jpg", "cat/z.jpg", "cat/a-link.jpg"]
