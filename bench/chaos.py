@@ -10,6 +10,11 @@ seeded random moments every few seconds, then started again, while files keep ar
 three categories -- written in place, renamed from a temporary name, moved in from outside.
 After the last kill, ``--once`` runs until it reports everything done (the faults stay on).
 
+Two spells come on top, each lasting one and a half runs of the client: from a quarter of the
+kills on, the server fails every file of every upload ("Internal error while storing the
+file"); from half of them on, the disk holding the ledger is full (a 256 MB tmpfs mounted on
+the state folder and filled; this spell needs root, and is skipped, said so, elsewhere).
+
 Then it compares, per category and content hash, what was written with what the server holds,
 prints files written, files on the server, duplicates, lost and kills survived, and exits 1
 unless both duplicates and lost are 0 (2 when ``--once`` never finished).
@@ -60,6 +65,57 @@ FAULTS = FaultOptions(
     fail_in_200_rate=0.02,
 )
 TOKEN_LIFETIME = 4.0
+UPLOAD_ROUTE = "POST /datasets/{id}/files"
+# The spells last this many runs of the client, less half of the last one.
+SPELL_RUNS = 2
+
+
+class LedgerDisk:
+    """The state folder on a small tmpfs of its own, so that its disk can be filled."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.mounted = False
+        self.filler = folder / "filler"
+        self.skipped = ""  # why the disk-full spell cannot run here
+
+    def mount(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() != 0:
+            self.skipped = "needs root to mount a tmpfs"
+            return
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=256m", "tmpfs", str(self.folder)],
+            capture_output=True,
+            check=False,
+        )
+        if done.returncode != 0:
+            self.skipped = done.stderr.decode(errors="replace").strip() or "mount failed"
+            return
+        self.mounted = True
+
+    def fill(self) -> None:
+        """Take every free byte (one file); :meth:`free` gives them back."""
+        fd = os.open(self.filler, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            block = b"\0" * (1 << 20)
+            while block:
+                try:
+                    os.write(fd, block)
+                except OSError:
+                    block = block[: len(block) // 2]
+        finally:
+            os.close(fd)
+
+    def free(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.filler.unlink()
+
+    def unmount(self) -> None:
+        if self.mounted:
+            self.free()
+            subprocess.run(["umount", "-l", str(self.folder)], check=False)
+            self.mounted = False
 
 
 @dataclass
@@ -72,6 +128,10 @@ class Tally:
     once_runs: list[int] = field(default_factory=list)
     trainings: int = 0
     left: dict[str, int] = field(default_factory=dict)
+    failing_seconds: float = 0.0  # the spell of a server failing every file
+    failing_injected: int = 0
+    full_seconds: float = 0.0  # the spell of a full ledger disk
+    full_skipped: str = ""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -245,21 +305,55 @@ def run(args: argparse.Namespace, work: Path) -> int:
     )
     tally = Tally()
     started = time.monotonic()
-    with Emulator(options) as emulator:
+    disk = LedgerDisk(work / "state")
+    disk.mount()
+    tally.full_skipped = disk.skipped
+    failing = dataclasses.replace(faults, fail_in_200_rate=1.0, routes=(UPLOAD_ROUTE,))
+    failing_from, full_from = args.kills // 4, args.kills // 2
+    with contextlib.ExitStack() as cleanup, Emulator(options) as emulator:
+        cleanup.callback(disk.unmount)
         client = Client(write_config(work, emulator, root), work / "client.log")
         mean_gap = sum(args.gap) / 2
         # Files arrive during the first three quarters of the kill phase.
         writer = Writer(root, work / "outside", args.files, 0.75 * args.kills * mean_gap, args.seed)
         writer.start()
         try:
+            spell_began = {"failing": 0.0, "full": 0.0}
+            before = 0
             for number in range(args.kills):
+                if number == failing_from:
+                    before = emulator.state()["faults"]["fail_in_200"]
+                    emulator.set_faults(failing)
+                    spell_began["failing"] = time.monotonic()
+                if disk.mounted and number == full_from:
+                    disk.fill()
+                    spell_began["full"] = time.monotonic()
                 client.start()
                 tally.starts += 1
-                time.sleep(rng.uniform(*args.gap))
+                gap = rng.uniform(*args.gap)
+                time.sleep(gap / 2)
+                # A spell ends in the middle of a run: the running client has to find its way
+                # back by itself, not only the next start.
+                if number == failing_from + SPELL_RUNS - 1:
+                    emulator.set_faults(faults)
+                    tally.failing_seconds = time.monotonic() - spell_began["failing"]
+                    tally.failing_injected = emulator.state()["faults"]["fail_in_200"] - before
+                if disk.mounted and number == full_from + SPELL_RUNS - 1:
+                    disk.free()
+                    tally.full_seconds = time.monotonic() - spell_began["full"]
+                time.sleep(gap / 2)
                 if client.kill():
                     tally.kills += 1
                 else:
                     log.warning("run %d ended by itself before its kill", number + 1)
+            # Spells that the last kill cut short end here, before --once has to finish.
+            if spell_began["failing"] and not tally.failing_seconds:
+                emulator.set_faults(faults)
+                tally.failing_seconds = time.monotonic() - spell_began["failing"]
+                tally.failing_injected = emulator.state()["faults"]["fail_in_200"] - before
+            if spell_began["full"] and not tally.full_seconds:
+                disk.free()
+                tally.full_seconds = time.monotonic() - spell_began["full"]
             writer.join()
             for _ in range(10):
                 client.start("--once")
@@ -274,8 +368,8 @@ def run(args: argparse.Namespace, work: Path) -> int:
         injected = emulator.state()["faults"]
         requests = emulator.state()["requests"]
         tally.trainings = len(emulator.state()["tasks"])
+        tally.left = ledger_leftovers(work / "state" / "ledger.sqlite3")  # before the unmount
     tally.written = writer.written
-    tally.left = ledger_leftovers(work / "state" / "ledger.sqlite3")
     elapsed = time.monotonic() - started
     return report(tally, held, datasets, injected, requests, work, elapsed)
 
@@ -302,10 +396,10 @@ def report(
     duplicates = sum((held - tally.written).values())
     lost = sum((tally.written - held).values())
     text = (work / "client.log").read_text(errors="replace")
-    # "category 'x': N files were in doubt after the last stop: S already on the server, …"
+    # "category 'x': N files were in doubt (…): S already on the server, …"
     doubts = [
         (int(m[1]), int(m[2]))
-        for m in re.finditer(r"(\d+) files were in doubt after the last stop: (\d+) already", text)
+        for m in re.finditer(r"(\d+) files were in doubt[^:]*: (\d+) already", text)
     ]
     in_doubt = sum(n for n, _ in doubts)
     stored = sum(s for _, s in doubts)
@@ -328,13 +422,26 @@ def report(
         f"  found already stored {sum(found)} files in {len(found)} checks of the dataset "
         "(after a kill or a lost answer): not sent again"
     )
+    print(
+        f"  server failing files {tally.failing_seconds:.0f} s, {tally.failing_injected} "
+        "per-file failures injected (none may end rejected)"
+    )
+    if tally.full_skipped:
+        print(f"  ledger disk full     skipped: {tally.full_skipped}")
+    else:
+        print(
+            f"  ledger disk full     {tally.full_seconds:.0f} s: 'cannot write the ledger' said "
+            f"{text.count('cannot write the ledger')} times, 'no space left' "
+            f"{text.count('no space left on the device')} times, 'can be written again' "
+            f"{text.count('can be written again')} times"
+        )
     print(f"  trainings            {tally.trainings}")
     print(
         f"  ledger at the end    {tally.left.get('uploading', 0)} uploading, "
         f"{tally.left.get('rejected', 0)} rejected"
     )
     print(f"  wall time            {elapsed:.0f} s")
-    if duplicates or lost or tally.left.get("uploading", 0):
+    if duplicates or lost or tally.left.get("uploading", 0) or tally.left.get("rejected", 0):
         print(f"FAILED: see {work} (client.log, state/ledger.sqlite3)")
         return 1
     if not tally.once_runs or tally.once_runs[-1] != 0:
