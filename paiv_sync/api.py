@@ -1020,10 +1020,14 @@ class MviClient:
             ) from exc
 
     def _retrying(
-        self, what: str, retry_if: Callable[[BaseException], bool] = is_retryable
+        self,
+        what: str,
+        retry_if: Callable[[BaseException], bool] = is_retryable,
+        *,
+        policy: RetryPolicy | None = None,
     ) -> tenacity.Retrying:
         return build_retrying(
-            self._retry,
+            policy or self._retry,
             stop_event=self._stop,
             retry_if=retry_if,
             logger=_log,
@@ -1263,15 +1267,16 @@ class MviClient:
             )
         return results
 
-    def delete_file(self, dataset_id: str, file_id: str) -> None:
+    def delete_file(self, dataset_id: str, file_id: str, *, tries: int | None = None) -> None:
         """Delete file ``file_id`` of dataset ``dataset_id``; one that is gone already is fine.
 
-        Raises NotSupportedError when the server does not delete files, other MviErrors
-        otherwise.
+        ``tries`` bounds the attempts (the client's retry policy otherwise). Raises
+        NotSupportedError when the server does not delete files, other MviErrors otherwise.
         """
         path = f"/datasets/{quote(dataset_id, safe='')}/files/{quote(file_id, safe='')}"
+        policy = None if tries is None else dataclasses.replace(self._retry, max_attempts=tries)
         try:
-            self._retrying(f"DELETE {path}")(
+            self._retrying(f"DELETE {path}", policy=policy)(
                 self._authorized, "DELETE", path, idempotent=True, missing=f"file {file_id}"
             )
         except NotFoundError:

@@ -79,6 +79,9 @@ _REFUSAL_WORDS = (
     "could not decode",
 )
 
+# Tries of a DELETE of a copy that holds other content than checked (see _sent_other_content):
+# the upload worker must not wait for ever on a server that keeps failing them.
+DELETE_TRIES = 5
 # How often (seconds) each category looks for uploads of another paiv-sync from its folder.
 OTHER_FEEDER_INTERVAL = 600.0
 
@@ -626,13 +629,14 @@ class Uploader:
         kept_as: str | None = None
         if result.file_id is not None and self.dataset_id is not None:
             try:
-                self.client.delete_file(self.dataset_id, result.file_id)
+                self.client.delete_file(self.dataset_id, result.file_id, tries=DELETE_TRIES)
             except MviError as exc:
                 kept_as = result.file_id
                 log.error(
                     "%s changed while it was being sent, and the server's copy (file %s) is a "
                     "mix of two versions that could not be deleted (%s); delete it in the MVI "
-                    "UI. The file is sent again once it has settled",
+                    "UI if it is. The file is looked at again once it has settled, and sent "
+                    "again unless it holds what that copy holds",
                     row.rel_path,
                     result.file_id,
                     exc,

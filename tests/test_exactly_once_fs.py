@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from paiv_sync.config import Config
-from paiv_sync.emulator import Emulator
+from paiv_sync.emulator import Emulator, EmulatorOptions, FaultOptions
 from paiv_sync.service import Service
 from tests.e2e import FAST_RETRY, config_for, running, server_files, sha, write_image
 from tests.helpers import wait_until
@@ -221,6 +221,52 @@ def test_a_file_overwritten_before_it_is_sent_is_sent_as_what_it_holds(
     assert_exactly_once(
         emulator, {("sea", sha(new)): 1, ("sea", sha(other)): 1, ("sea", sha(third)): 1}
     )
+
+
+def test_an_overwritten_upload_the_server_cannot_delete_is_kept_and_not_sent_twice(
+    root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # As above, on a server that refuses every DELETE: the copy it stored stays (and the log
+    # says to delete it by hand); the file, holding just what was sent, is not sent again.
+    old, new = same_size_pngs()
+    faults = FaultOptions(error_rate=1.0, routes=("DELETE /datasets/{id}/files/{fid}",))
+    with Emulator(EmulatorOptions(port=0, faults=faults)) as emulator:
+        config = config_for(emulator, root, threshold={"upload": 2, "training": 1000})
+        path = root / "sea" / "wave.png"
+        with running(config) as runner:
+            ledger = runner.service.ledger
+            assert ledger is not None
+            path.write_bytes(old)
+            wait_until(
+                lambda: (
+                    (row := ledger.lookup(str(root), "sea/wave.png")) and row.sha256 == sha(old)
+                ),
+                message="wave.png recorded with its first content",
+            )
+            _overwrite_unseen(path, new, tmp_path / "elsewhere")
+            other = write_image(root / "sea" / "b.png", 2)
+            said = wait_until(
+                lambda: next(
+                    (m for r in caplog.records if "could not be deleted" in (m := r.getMessage())),
+                    None,
+                ),
+                timeout=30,  # five tries of the DELETE, with back-off
+                message="the copy that could not be deleted named",
+            )
+
+            def settled() -> bool:
+                row = ledger.lookup(str(root), "sea/wave.png")
+                return (
+                    row is not None
+                    and row.state == "uploaded"
+                    and row.sha256 == sha(new)
+                    and row.mtime_ns == path.stat().st_mtime_ns
+                )
+
+            wait_until(settled, message="wave.png looked at again and found as sent")
+        assert emulator.state()["faults"]["error"] > 0
+        assert_exactly_once(emulator, {("sea", sha(new)): 1, ("sea", sha(other)): 1})
+    assert "delete it in the MVI UI" in said
 
 
 def test_a_file_deleted_before_upload_is_forgotten_and_said_so(
