@@ -228,6 +228,7 @@ class Service:
         self._loop_beat = clock()
         self._loop_thread: int | None = None  # the pipeline thread's ident, once it runs
         self._connect_fatal = False  # the last connect failed on credentials or TLS
+        self._connector: threading.Thread | None = None  # connecting, off the pipeline thread
         # A ledger that refuses writes (see _ledger_failed); guarded by _beats_lock.
         self._ledger_down_since: float | None = None
         self._ledger_failures = 0
@@ -421,6 +422,8 @@ class Service:
             self._trainer_thread.join(timeout=self.config.timeout + 5)
         if self._watchdog_thread is not None:
             self._watchdog_thread.join(timeout=5)
+        if self._connector is not None:
+            self._connector.join(timeout=self.config.timeout + 5)
         if self.client is not None:
             self.client.close()
         if self.ledger is not None:
@@ -557,8 +560,9 @@ class Service:
     def _wait_time(self) -> float:
         now = self._clock()
         wait = 1.0
-        if self._lost.is_set() or not self._connected:
-            # Connecting (at start, or again after a failure) must not wait for a file event.
+        if (self._lost.is_set() or not self._connected) and self._connector is None:
+            # Connecting (at start, or again after a failure) must not wait for a file event;
+            # a connector at work wakes the loop when it is done.
             wait = min(wait, max(0.0, self._next_connect - now))
         due = self.gate.next_due()
         if due is not None:
@@ -944,13 +948,49 @@ class Service:
     # -- connecting ----------------------------------------------------------------------
 
     def _ensure_connected(self) -> bool:
+        """Whether the service is connected; if not, and a try is due, start one.
+
+        While running, connecting (log in, resolve the dataset, settle the files in doubt)
+        happens in a thread of its own, so that files are taken in while the server is away;
+        under ``--once`` it happens here.
+        """
         if self._lost.is_set():
             self._lost.clear()
             self._connected = False
         if self._connected:
             return True
+        connector = self._connector
+        if connector is not None:
+            if connector.is_alive():
+                return False
+            self._connector = None
+            if self._connected:
+                return True
         if self._clock() < self._next_connect or self.stop_event.is_set():
             return False
+        if self.once:
+            return self._try_connect()
+        self._connector = threading.Thread(
+            target=self._connect_in_background, name="paiv-connect", daemon=True
+        )
+        self._connector.start()
+        return False
+
+    def _connect_in_background(self) -> None:
+        """The connector thread: one try (with the client's retries), then wake the loop."""
+        with self._job():
+            try:
+                self._try_connect()
+            except LedgerWriteError as exc:
+                self._ledger_failed(exc)
+            except Exception as exc:  # the thread must end with a verdict
+                log.exception("connecting to the server crashed")
+                self._connect_failed(exc, fatal_hint=False)
+            finally:
+                self.inbox.put(_WAKE_UP)
+
+    def _try_connect(self) -> bool:
+        """Connect now; on failure, log it and set when to try again."""
         try:
             self._connect()
         except (AuthError, TlsError) as exc:
@@ -966,7 +1006,7 @@ class Service:
         self._trainer_wake.set()
         return True
 
-    def _connect_failed(self, exc: MviError, *, fatal_hint: bool) -> None:
+    def _connect_failed(self, exc: Exception, *, fatal_hint: bool) -> None:
         self._connect_failures += 1
         delay = min(self._retry.initial * 2 ** (self._connect_failures - 1), self._retry.maximum)
         if fatal_hint:

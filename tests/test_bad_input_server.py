@@ -560,3 +560,47 @@ def test_a_created_dataset_whose_answer_was_lost_is_used_not_created_again(
     assert len(datasets) == 1, [d["name"] for d in datasets]
     assert [f["sha256"] for f in datasets[0]["files"]] == [sha(body)]
     assert any("was created although the answer was lost" in line for line in lines(logs, 20))
+
+
+# -- intake goes on while the server is away (docs/what-happens-when.md, S7) --------------
+
+
+def test_files_are_recorded_while_the_server_cannot_be_connected(
+    emulator: Emulator, root: Path, logs: pytest.LogCaptureFixture
+) -> None:
+    config = config_for(emulator, root, threshold={"upload": 1, "training": 1000})
+    first = write_image(root / "forest" / "first.png", 1)
+    assert Service(config, once=True, retry=FAST_RETRY).run() == 0  # the dataset is remembered
+    # Each look at the remembered dataset fails: connecting retries for as long as it lasts.
+    emulator.set_faults(FaultOptions(error_rate=1.0, routes=("GET /datasets/{id}",)))
+    with service_running_unconnected(config) as service:
+        wait_until(lambda: emulator.state()["faults"]["error"] >= 3, message="connecting fails")
+        bodies = [write_image(root / "city" / f"{i}.png", 10 + i) for i in range(5)]
+        wait_until(
+            lambda: ledger_of(service).pending_counts().get("city") == 5,
+            message="the 5 new files recorded while the server is away",
+        )
+        assert server_count(emulator) == 1
+        emulator.set_faults(FaultOptions())
+        wait_until(lambda: server_count(emulator) == 6, timeout=30, message="all sent after")
+    assert dict(server_files(emulator)) == {
+        ("forest", sha(first)): 1,
+        **{("city", sha(b)): 1 for b in bodies},
+    }
+
+
+@contextmanager
+def service_running_unconnected(config: Config) -> Iterator[Service]:
+    """Run a Service in a thread; yield it once it is ready (connected or not); stop it after."""
+    service = Service(config, retry=FAST_RETRY)
+    codes: list[int] = []
+    thread = threading.Thread(target=lambda: codes.append(service.run()), name="test-service")
+    thread.start()
+    try:
+        assert service.ready.wait(15), "service did not become ready"
+        yield service
+    finally:
+        service.stop()
+        thread.join(30)
+        assert not thread.is_alive(), "service did not stop"
+    assert codes == [0]
