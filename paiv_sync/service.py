@@ -23,6 +23,7 @@ from datetime import datetime
 from pathlib import Path
 
 from paiv_sync import ledger as states
+from paiv_sync import reconcile
 from paiv_sync.api import (
     AmbiguousError,
     AuthError,
@@ -686,64 +687,51 @@ class Service:
     def _reconcile_root(self, root: Path) -> int:
         """Merge the scan of ``root`` with its ledger rows; return how many files were offered.
 
-        Both streams come in rel_path order, so one pass compares them without holding either
-        in memory: a file the ledger lacks or whose stat differs enters the gate; a pending
-        row whose file is gone is forgotten. A file out of order (reached through a followed
-        link) is looked up on its own.
+        See paiv_sync.reconcile: a file the ledger lacks or whose stamp differs enters the
+        gate, a row of an older ledger gets its ctime and inode, and a pending row whose file
+        is gone is forgotten (unless the root itself vanished during the scan).
         """
         assert self.ledger is not None
+        ledger = self.ledger
         root_text = str(root)
-        known = self.ledger.iter_stats(root_text)
-        row = next(known, None)
-        gone: list[str] = []
-        out_of_order: set[str] = set()
-        previous = ""
-        offered = 0
-        fills: list[tuple[str, int, int]] = []  # ctime and inode for rows without them
-        for count, (rel, size, mtime_ns, ctime_ns, inode) in enumerate(
-            scan_stats(
+
+        def walk() -> Iterator[reconcile.Found]:
+            found = scan_stats(
                 self.layout,
                 root,
                 follow_symlinks=self.config.follow_symlinks,
                 on_skip=self._on_scan_skip,
-            ),
-            start=1,
-        ):
-            if count % 4096 == 0:
-                self._loop_beat = self._clock()  # a long scan is progress too
-            if rel <= previous:
-                out_of_order.add(rel)
-                found = self.ledger.lookup(root_text, rel)
-                if found is None or not unchanged(found.stamp, size, mtime_ns, ctime_ns, inode):
-                    self.gate.offer(os.path.join(root_text, rel), size, mtime_ns)
-                    offered += 1
-                continue
-            previous = rel
-            while row is not None and row[0] < rel:
-                if row[3] == states.PENDING:
-                    gone.append(row[0])
-                row = next(known, None)
-            if row is not None and row[0] == rel:
-                recorded = (row[1], row[2], row[4], row[5])
-                row = next(known, None)
-                if unchanged(recorded, size, mtime_ns, ctime_ns, inode):
-                    if recorded[2] is None:
-                        fills.append((rel, ctime_ns, inode))
-                        if len(fills) >= _FILL_BATCH:
-                            self.ledger.fill_stamps(root_text, fills)
-                            fills = []
-                    continue
-            self.gate.offer(os.path.join(root_text, rel), size, mtime_ns)
-            offered += 1
-        while row is not None:
-            if row[3] == states.PENDING:
-                gone.append(row[0])
-            row = next(known, None)
-        self.ledger.fill_stamps(root_text, fills)
+            )
+            for count, item in enumerate(found, start=1):
+                if count % 4096 == 0:
+                    self._loop_beat = self._clock()  # a long scan is progress too
+                yield item
+
+        def lookup(rel: str) -> reconcile.Recorded | None:
+            row = ledger.lookup(root_text, rel)
+            return None if row is None else row.stamp
+
+        offered = 0
+        fills: list[tuple[str, int, int]] = []
+        gone: list[str] = []
+        for change in reconcile.merge(walk(), ledger.iter_stats(root_text), lookup):
+            if change.kind == reconcile.OFFER:
+                assert change.found is not None
+                _, size, mtime_ns, _, _ = change.found
+                self.gate.offer(os.path.join(root_text, change.rel_path), size, mtime_ns)
+                offered += 1
+            elif change.kind == reconcile.FILL:
+                assert change.found is not None
+                fills.append((change.rel_path, change.found[3], change.found[4]))
+                if len(fills) >= _FILL_BATCH:
+                    ledger.fill_stamps(root_text, fills)
+                    fills = []
+            else:
+                gone.append(change.rel_path)
+        ledger.fill_stamps(root_text, fills)
         if root.is_dir():  # vanished during the scan: do not take its files for deleted
             for rel in gone:
-                if rel not in out_of_order:
-                    self._forget(root_text, rel)
+                self._forget(root_text, rel)
         return offered
 
     def _on_scan_skip(self, path: Path, skip: Skip) -> None:
