@@ -217,9 +217,17 @@ def test_server_that_hangs_then_recovers(root: Path, logs: pytest.LogCaptureFixt
             )
             # Meanwhile the service goes on taking in files, also while it tries to reach the
             # server for a category it has not sent anything to yet.
+            categories = "GET /datasets/{id}/categories"
+            looked = emulator.state()["requests"].get(categories, 0)
             third = write_image(root / "city" / "third.png", 3)
             wait_until(lambda: ledger_of(service).lookup(str(root), "city/third.png"), timeout=10)
-            time.sleep(0.3)  # let the city flush begin (and hang), not a synchronisation
+            wait_until(
+                lambda: (
+                    emulator.state()["in_flight"].get(categories, 0)
+                    and emulator.state()["requests"].get(categories, 0) > looked
+                ),
+                message="the city flush begun, and hung",
+            )
             fourth = write_image(root / "city" / "fourth.png", 4)
             wait_until(lambda: ledger_of(service).lookup(str(root), "city/fourth.png"), timeout=10)
             assert service.healthy()[0]
@@ -228,7 +236,6 @@ def test_server_that_hangs_then_recovers(root: Path, logs: pytest.LogCaptureFixt
             emulator.set_faults(FaultOptions())
             wait_until(lambda: server_count(emulator) == 4, timeout=15)
             wait_until(lambda: ledger_of(service).counts()["forest"]["uploaded"] == 2, timeout=10)
-            time.sleep(0.3)  # a second copy, if one were sent, would have arrived by now
         assert (
             "category 'forest': the server had stored 1 of 1 files of an unanswered upload; "
             "not sending those again"
@@ -258,7 +265,7 @@ def test_hung_upload_stored_after_the_comparison_is_not_sent_twice(
             # The server recovers while the hung POST is still being worked on.
             emulator.set_faults(FaultOptions())
             wait_until(lambda: server_count(emulator) >= 2, timeout=15)
-            time.sleep(2.0)  # the hung POST ends; not a synchronisation
+            wait_until(lambda: not emulator.state()["in_flight"], message="the hung POST over")
         assert emulator.state()["duplicates"] == []
 
 

@@ -177,6 +177,14 @@ class _App:
         route, args = _find(self.routes, request.method, path)
         key = f"{request.method} {route.template if route else '(unknown route)'}"
         self.state.count_request(key)
+        try:
+            return self._serve(request, path, key, route, args)
+        finally:
+            self.state.request_done(key)
+
+    def _serve(
+        self, request: _Request, path: str, key: str, route: _Route | None, args: dict[str, Any]
+    ) -> _Reply:
         plan = self.faults.plan(is_upload=route is not None and route.is_upload, route=key)
         if plan.latency:
             self.stopping.wait(plan.latency)

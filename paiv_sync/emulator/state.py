@@ -106,6 +106,7 @@ class EmulatorState:
         self._tokens: dict[str, tuple[float, str]] = {}  # token -> (issued, user)
         self._active_keys: set[str] = set(options.api_keys)
         self._requests: Counter[str] = Counter()
+        self._in_flight: Counter[str] = Counter()  # received, not answered yet (not reset)
         self._tokens_issued = 0
         self._concurrent_trainings_max = 0
         self._product_faults: Counter[str] = Counter()
@@ -152,9 +153,15 @@ class EmulatorState:
                 setattr(self, name, float(value) if numeric and value is not None else value)
 
     def count_request(self, key: str) -> None:
-        """Count one request under ``key`` (``"METHOD /route/template"``)."""
+        """Count one request under ``key`` (``"METHOD /route/template"``), now in flight."""
         with self._lock:
             self._requests[key] += 1
+            self._in_flight[key] += 1
+
+    def request_done(self, key: str) -> None:
+        """The request counted under ``key`` was answered (or its connection dropped)."""
+        with self._lock:
+            self._in_flight[key] -= 1
 
     # ---- authentication ------------------------------------------------------------------
 
@@ -609,6 +616,7 @@ class EmulatorState:
                 "datasets": datasets,
                 "tasks": [t.state_view(now) for t in self._tasks.values()],
                 "requests": dict(self._requests),
+                "in_flight": {k: n for k, n in self._in_flight.items() if n > 0},
                 "faults": {**fault_counts, **self._product_faults},
                 "duplicates": [
                     {
