@@ -1,7 +1,8 @@
 """The MVI (PowerAI Vision / Maximo Visual Inspection) REST client.
 
-Follows docs/mvi-api.md. Every failure is turned into one of the exceptions below, whose
-message is a sentence a person can act on; callers choose what to do by the class:
+Follows docs/mvi-api.md. Every failure is turned into one of the exceptions of
+paiv_sync.errors (also importable from here), whose message is a sentence a person can act on;
+callers choose what to do by the class:
 
 - ``TransientError``: may succeed later (server down, timeout, 429, 5xx, proxy error page);
 - ``AmbiguousError``: a ``TransientError`` after which the request MAY have been processed —
@@ -41,6 +42,17 @@ from urllib3.fields import RequestField
 from urllib3.filepost import choose_boundary
 
 from paiv_sync._version import __version__
+from paiv_sync.errors import (
+    AmbiguousError,
+    AuthError,
+    DatasetLocked,
+    MviError,
+    NotFoundError,
+    NotSupportedError,
+    RequestError,
+    TlsError,
+    TransientError,
+)
 from paiv_sync.retry import RetryPolicy, build_retrying, is_retryable
 
 __all__ = [
@@ -72,85 +84,6 @@ _URLLIB3_TAKES_BLOCKSIZE = int(str(getattr(urllib3, "__version__", "1")).split("
 
 
 # --------------------------------------------------------------------------- exceptions
-
-
-class MviError(Exception):
-    """A call to the MVI server failed; the message says what happened and what to do.
-
-    ``status`` is the HTTP status when the server answered, ``fault`` the server's own
-    explanation when it gave one, ``reason`` a few words for log lines ("HTTP 503",
-    "connection refused").
-    """
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        status: int | None = None,
-        fault: str | None = None,
-        reason: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.message = message
-        self.status = status
-        self.fault = fault
-        if reason is None:
-            reason = f"HTTP {status}" if status is not None else type(self).__name__
-        self.reason = reason
-
-
-class TransientError(MviError):
-    """May succeed later: connection refused/reset, timeout, 429, 5xx, a proxy's HTML page.
-
-    ``retry_after`` is the wait in seconds the server asked for (429 ``Retry-After``).
-    """
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        status: int | None = None,
-        fault: str | None = None,
-        reason: str | None = None,
-        retry_after: float | None = None,
-    ) -> None:
-        super().__init__(message, status=status, fault=fault, reason=reason)
-        self.retry_after = retry_after
-
-
-class AmbiguousError(TransientError):
-    """The request MAY have been processed (answer lost, read timeout, 5xx on a POST).
-
-    Before sending a non-idempotent request again, look at what the server holds.
-    """
-
-
-class DatasetLocked(TransientError):
-    """The server refused to change a dataset that a training holds locked (409/423).
-
-    Nothing was stored, so sending again is safe; it is not retried inside the client, as a
-    training can hold the lock for a long time: the caller waits (and shows it is alive).
-    """
-
-
-class AuthError(MviError):
-    """Bad credentials, a revoked API key, or a 401 that survived a fresh login."""
-
-
-class NotFoundError(MviError):
-    """The server does not know the object (HTTP 404 NotFoundException), e.g. a deleted dataset."""
-
-
-class RequestError(MviError):
-    """The server refused the request for good (4xx, or ``"result": "fail"`` in a 200)."""
-
-
-class NotSupportedError(RequestError):
-    """The server has no such route (a generic 404, or 501): an older or newer API."""
-
-
-class TlsError(MviError):
-    """The TLS connection could not be set up safely; the message says how to fix it."""
 
 
 class _Unauthorized(AuthError):

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import tenacity
 
+from paiv_sync.errors import TransientError
+
 __all__ = ["RetryPolicy", "build_retrying", "is_retryable"]
 
 
@@ -58,10 +60,6 @@ def is_retryable(exc: BaseException) -> bool:
     one of its subclasses (``AmbiguousError`` included — callers that must not resend a
     possibly processed request pass their own ``retry_if``).
     """
-    # Imported here because api.py builds its retries with this module: a top-level import
-    # would make the two modules import each other.
-    from paiv_sync.api import TransientError
-
     return isinstance(exc, TransientError)
 
 
