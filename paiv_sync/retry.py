@@ -52,6 +52,17 @@ class RetryPolicy:
         if self.max_attempts is not None and self.max_attempts < 1:
             raise ValueError(f"retry max_attempts must be >= 1 or None, got {self.max_attempts}")
 
+    def delay(self, failures: int, hint: float | None = None) -> float:
+        """The wait after ``failures`` failures in a row, for a loop that retries by itself.
+
+        The server's ``hint`` (Retry-After) when it gave one, else ``initial`` doubled per
+        failure after the first; at most ``maximum`` either way. The curve of the client's own
+        retries (see build_retrying), without their jitter: such a loop is one per process.
+        """
+        if hint is not None and hint > 0:
+            return min(hint, self.maximum)
+        return min(self.initial * 2.0 ** min(max(0, failures - 1), 64), self.maximum)
+
 
 def is_retryable(exc: BaseException) -> bool:
     """Return True when ``exc`` is a failure that may succeed later (a ``TransientError``).
@@ -166,8 +177,8 @@ def build_retrying(
     Takes the policy, the service's shutdown event, a predicate choosing which exceptions
     are retried (default :func:`is_retryable`), the logger for the WARNING line before each
     wait, ``what`` (the operation named in that line, e.g. ``"GET /datasets"``) and an
-    optional ``sleep`` (tests pass a fake; by default ``stop_event.wait`` so a shutdown ends
-    the wait at once).
+    optional ``sleep`` (tests pass a fake; by default tenacity's ``sleep_using_event`` on the
+    stop event, so a shutdown ends the wait at once).
 
     Returns the ``Retrying``; calling it runs the function until it succeeds, raises an
     exception ``retry_if`` rejects, ``max_attempts`` is used up, or the stop event is set.
@@ -178,15 +189,12 @@ def build_retrying(
     if policy.max_attempts is not None:
         stop = tenacity.stop_after_attempt(policy.max_attempts) | stop
 
-    def wait_on_event(seconds: float) -> None:
-        stop_event.wait(seconds)
-
     return tenacity.Retrying(
         stop=stop,
         wait=hooks.wait,
         retry=tenacity.retry_if_exception(retry_if),
         before=hooks.before,
         before_sleep=hooks.before_sleep,
-        sleep=sleep if sleep is not None else wait_on_event,
+        sleep=sleep if sleep is not None else tenacity.nap.sleep_using_event(stop_event),
         reraise=True,
     )

@@ -96,10 +96,10 @@ def make_client(
     )
 
 
-# How long the ledger may refuse every write before the service stops, and the longest wait
-# between two tries meanwhile (below the health check's stall limit of the pipeline loop).
+# How long the ledger may refuse every write before the service stops, and the back-off between
+# two tries meanwhile (its longest wait below the health check's stall limit of the loop).
 LEDGER_GIVE_UP = 600.0
-_LEDGER_BACKOFF_MAX = 30.0
+_LEDGER_RETRY = RetryPolicy(initial=1.0, maximum=30.0, jitter=0.0)
 # Tries of each request (connecting included) under --once, which must end.
 ONCE_TRIES = 5
 # Rows given their ctime and inode per write while a scan goes through an older ledger.
@@ -484,7 +484,7 @@ class Service:
             if self._ledger_down_since is None:
                 self._ledger_down_since = now
             down_for = now - self._ledger_down_since
-            delay = min(_LEDGER_BACKOFF_MAX, 2.0 ** min(self._ledger_failures - 1, 5))
+            delay = _LEDGER_RETRY.delay(self._ledger_failures)
             self._ledger_blocked_until = max(self._ledger_blocked_until, now + delay)
             say = first or now - self._ledger_said >= 60.0
             if say:
@@ -996,9 +996,8 @@ class Service:
 
     def _connect_failed(self, exc: Exception, *, fatal_hint: bool) -> None:
         self._connect_failures += 1
-        delay = min(self._retry.initial * 2 ** (self._connect_failures - 1), self._retry.maximum)
-        if fatal_hint:
-            delay = self._retry.maximum
+        # A refused password or certificate will not change by itself: the longest wait.
+        delay = self._retry.maximum if fatal_hint else self._retry.delay(self._connect_failures)
         self._next_connect = self._clock() + delay
         log.error(
             "cannot use the server at %s: %s; files stay pending; trying again in %.0f s",

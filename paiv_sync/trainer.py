@@ -31,6 +31,7 @@ from paiv_sync.api import (
     newest,
 )
 from paiv_sync.ledger import Ledger, TrainingRow
+from paiv_sync.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
 
@@ -281,6 +282,9 @@ class Trainer:
     def run(self, wake: threading.Event, poll_interval: float) -> None:
         """Loop until the stop event: a step, then wait ``poll_interval`` or until woken."""
         failures = 0
+        # After a failure: twice the poll interval, doubling, up to 32 times it or 5 minutes.
+        most = max(2 * poll_interval, min(32 * poll_interval, 300.0))
+        backoff = RetryPolicy(initial=2 * poll_interval, maximum=most, jitter=0.0)
         while not self._stop.is_set():
             try:
                 self.step()
@@ -288,11 +292,11 @@ class Trainer:
                 delay = poll_interval
             except MviError as exc:
                 failures += 1
-                delay = min(poll_interval * (2 ** min(failures, 5)), 300.0)
+                delay = backoff.delay(failures)
                 log.warning("training check failed (%s); trying again in %.0f s", exc, delay)
             except Exception:
                 failures += 1
-                delay = min(poll_interval * (2 ** min(failures, 5)), 300.0)
+                delay = backoff.delay(failures)
                 log.exception("training check crashed; trying again in %.0f s", delay)
             started = time.monotonic()
             while not self._stop.is_set() and time.monotonic() - started < delay:

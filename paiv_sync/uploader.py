@@ -266,11 +266,7 @@ class Uploader:
             return self._category_locks.setdefault(category, threading.Lock())
 
     def _backoff(self, attempt: int, hint: float | None = None) -> None:
-        if hint is not None and hint > 0:
-            delay = min(hint, self._retry.maximum)
-        else:
-            delay = min(self._retry.initial * (2 ** max(0, attempt - 1)), self._retry.maximum)
-        self._sleep(delay)
+        self._sleep(self._retry.delay(attempt, hint))
 
     # -- one batch -----------------------------------------------------------------------
 

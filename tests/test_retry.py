@@ -238,3 +238,12 @@ def test_policy_is_frozen() -> None:
     policy = RetryPolicy()
     with pytest.raises(dataclasses.FrozenInstanceError):
         policy.initial = 3.0  # type: ignore[misc]
+
+
+def test_one_back_off_curve_for_loops_that_retry_by_themselves() -> None:
+    policy = RetryPolicy(initial=0.5, maximum=8.0, jitter=1.0)
+    assert [policy.delay(n) for n in range(1, 8)] == [0.5, 1.0, 2.0, 4.0, 8.0, 8.0, 8.0]
+    assert policy.delay(0) == 0.5 and policy.delay(10_000) == 8.0  # no overflow
+    assert policy.delay(3, hint=1.5) == 1.5  # the server's Retry-After
+    assert policy.delay(3, hint=120.0) == 8.0  # but never beyond the maximum
+    assert policy.delay(3, hint=0.0) == 2.0
