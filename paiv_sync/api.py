@@ -83,6 +83,12 @@ _READ_CHUNK = 256 * 1024
 _URLLIB3_TAKES_BLOCKSIZE = int(str(getattr(urllib3, "__version__", "1")).split(".", 1)[0]) >= 2
 
 
+# What to do about a refusal, by HTTP status.
+_REFUSAL_HINTS = {
+    413: "; upload fewer files per request (lower the batch size)",
+    403: "; does this user have the right to do this?",
+}
+
 # --------------------------------------------------------------------------- exceptions
 
 
@@ -809,15 +815,15 @@ class MviClient:
             return body
         fault = _fault_of(body)
         call = f"{method} {path}"
-        where = self._where
-        if not is_json:
-            # Says what came back instead of a JSONDecodeError: usually a proxy's error page.
-            answered = (
-                f"the server at {where} answered {call} with {_body_kind(response)}, "
-                f"not JSON (HTTP {status})"
-            )
+        # Says what came back instead of a JSONDecodeError: usually a proxy's error page.
+        answered = (
+            None
+            if is_json
+            else f"the server at {self._where} answered {call} with {_body_kind(response)}, "
+            f"not JSON (HTTP {status})"
+        )
         if 200 <= status < 300:
-            if not is_json:
+            if answered is not None:
                 error_type = TransientError if idempotent else AmbiguousError
                 raise error_type(
                     f"{answered}; is the endpoint the API's base URL "
@@ -827,29 +833,44 @@ class MviClient:
                 )
             if isinstance(body, Mapping) and body.get("result") == "fail":
                 raise RequestError(
-                    f"the server at {where} refused {call}: {fault or 'it gave no reason'}",
+                    f"the server at {self._where} refused {call}: {fault or 'it gave no reason'}",
                     status=status,
                     fault=fault,
                     reason="result: fail",
                 )
             return body
+        raise self._failure(response, call, body, fault, answered, idempotent, missing)
+
+    def _failure(
+        self,
+        response: requests.Response,
+        call: str,
+        body: Any,
+        fault: str | None,
+        answered: str | None,
+        idempotent: bool,
+        missing: str | None,
+    ) -> MviError:
+        """The error for an answer that is not a 2xx (``answered``: what came, if not JSON)."""
+        status = response.status_code
+        where = self._where
         said = f": {fault}" if fault else ""
         if status == 401:
-            raise _Unauthorized(
+            return _Unauthorized(
                 f"the server at {where} answered {call} with HTTP 401{said}",
                 status=401,
                 fault=fault,
             )
         if status == 404 and _object_missing(body, fault, missing):
             subject = missing or "the requested object"
-            raise NotFoundError(
+            return NotFoundError(
                 f"{subject} does not exist on the server at {where} "
                 f"(HTTP 404 on {call}{said}); was it deleted?",
                 status=404,
                 fault=fault,
             )
         if status == 404 or status == 501:
-            raise NotSupportedError(
+            return NotSupportedError(
                 f"the server at {where} has no {call} (HTTP {status}{said}); is the endpoint the "
                 "API's base URL (e.g. https://host/powerai-vision/api), and is this an MVI / "
                 "PowerAI Vision version that offers it?",
@@ -857,7 +878,7 @@ class MviClient:
                 fault=fault,
             )
         if status == 423 or (status == 409 and "lock" in (fault or "").lower()):
-            raise DatasetLocked(
+            return DatasetLocked(
                 f"the server at {where} refused {call} while the dataset is locked "
                 f"(HTTP {status}{said}); a training is probably running",
                 status=status,
@@ -867,7 +888,7 @@ class MviClient:
         retry_after = _retry_after(response.headers.get("Retry-After"))
         if status == 429:
             wait = f"; it asked to wait {retry_after:g} s" if retry_after is not None else ""
-            raise TransientError(
+            return TransientError(
                 f"the server at {where} is rate limiting {call} (HTTP 429){wait}",
                 status=429,
                 fault=fault,
@@ -876,33 +897,28 @@ class MviClient:
         if status >= 500:
             message = (
                 f"the server at {where} failed {call} (HTTP {status}{said})"
-                if is_json
+                if answered is None
                 else f"{answered} — a proxy error page?"
             )
             if idempotent:
-                raise TransientError(message, status=status, fault=fault, retry_after=retry_after)
-            raise AmbiguousError(
+                return TransientError(message, status=status, fault=fault, retry_after=retry_after)
+            return AmbiguousError(
                 f"{message}; it may have processed the request anyway",
                 status=status,
                 fault=fault,
             )
         if 300 <= status < 400:
             location = _strip_userinfo(response.headers.get("Location", "another address"))
-            raise RequestError(
+            return RequestError(
                 f"the server at {where} redirected {call} to {location} (HTTP {status}); "
                 "set the endpoint to the address it redirects to",
                 status=status,
             )
-        if status == 413:
-            hint = "; upload fewer files per request (lower the batch size)"
-        elif status == 403:
-            hint = "; does this user have the right to do this?"
-        else:
-            hint = ""
-        message = (
-            f"the server at {where} refused {call} (HTTP {status}{said})" if is_json else answered
+        hint = _REFUSAL_HINTS.get(status, "")
+        message = f"the server at {where} refused {call} (HTTP {status}{said})"
+        return RequestError(
+            f"{message if answered is None else answered}{hint}", status=status, fault=fault
         )
-        raise RequestError(f"{message}{hint}", status=status, fault=fault)
 
     def _authorized(
         self,

@@ -797,26 +797,7 @@ def _read_credentials(
     source: Path | None,
 ) -> tuple[str | None, str | None, str | None, str | None, bool | str, float]:
     """Return base URL, username, password, API key, verify and timeout."""
-    base_url: str | None = None
-    endpoint = cred.get("endpoint")
-    port_value = cred.get("port")
-    port: str | int | None = None
-    port_ok = True
-    if isinstance(port_value, (str, int)) and not isinstance(port_value, bool):
-        port = port_value
-    elif port_value is not _MISSING and port_value is not None:
-        cred.error("port", f"must be a port number from 1 to 65535, got {_shown(port_value)}")
-        port_ok = False
-    if endpoint is _MISSING:
-        cred.missing("endpoint", 'the server URL, e.g. "https://host/powerai-vision/api"')
-    elif not isinstance(endpoint, str):
-        cred.error("endpoint", f"must be a string (a URL), got {_shown(endpoint)}")
-    if isinstance(endpoint, str) and port_ok:
-        try:
-            base_url = normalize_base_url(endpoint, port)
-        except _UrlError as exc:
-            cred.error(exc.key, str(exc))
-
+    base_url = _read_base_url(cred)
     username = _string(cred, "username")
     if username is not None and _PLACEHOLDER.match(username):
         cred.error("username", "still holds the template placeholder; give the real user name")
@@ -847,21 +828,48 @@ def _read_credentials(
         cred.missing("username", "a password needs a user name (an API key does not)")
 
     if file_mode is not None and file_mode & 0o077:
-        for name, env_var in (("password", PASSWORD_ENV), ("api_key", API_KEY_ENV)):
-            value = cred.data.get(name)
-            if isinstance(value, str) and value.strip() and not _PLACEHOLDER.match(value):
-                where = source if source is not None else "the file"
-                cred.report.warn(
-                    cred.key(name),
-                    f"a plaintext secret in a file that group or others can access "
-                    f"(mode {file_mode & 0o777:04o}); run chmod 600 {where}, or move it to "
-                    f"{name}_file or ${env_var}",
-                )
-
+        _warn_plaintext_secrets(cred, file_mode, source)
     verify = _read_verify(cred, base_dir, env)
     timeout = _number(cred, "timeout", 30.0, strict=True)
     cred.finish()
     return base_url, username, password, api_key, verify, timeout
+
+
+def _read_base_url(cred: _Section) -> str | None:
+    """The API's base URL from ``endpoint`` (and ``port``), or None after an error."""
+    endpoint = cred.get("endpoint")
+    port_value = cred.get("port")
+    port: str | int | None = None
+    port_ok = True
+    if isinstance(port_value, (str, int)) and not isinstance(port_value, bool):
+        port = port_value
+    elif port_value is not _MISSING and port_value is not None:
+        cred.error("port", f"must be a port number from 1 to 65535, got {_shown(port_value)}")
+        port_ok = False
+    if endpoint is _MISSING:
+        cred.missing("endpoint", 'the server URL, e.g. "https://host/powerai-vision/api"')
+    elif not isinstance(endpoint, str):
+        cred.error("endpoint", f"must be a string (a URL), got {_shown(endpoint)}")
+    if isinstance(endpoint, str) and port_ok:
+        try:
+            return normalize_base_url(endpoint, port)
+        except _UrlError as exc:
+            cred.error(exc.key, str(exc))
+    return None
+
+
+def _warn_plaintext_secrets(cred: _Section, file_mode: int, source: Path | None) -> None:
+    """A password or API key written in a file that group or others can read: say so."""
+    for name, env_var in (("password", PASSWORD_ENV), ("api_key", API_KEY_ENV)):
+        value = cred.data.get(name)
+        if isinstance(value, str) and value.strip() and not _PLACEHOLDER.match(value):
+            where = source if source is not None else "the file"
+            cred.report.warn(
+                cred.key(name),
+                f"a plaintext secret in a file that group or others can access "
+                f"(mode {file_mode & 0o777:04o}); run chmod 600 {where}, or move it to "
+                f"{name}_file or ${env_var}",
+            )
 
 
 def _read_secret(
@@ -1041,26 +1049,14 @@ def _read_folders(top: _Section, base_dir: Path, env: Mapping[str, str]) -> tupl
 
     found: list[tuple[str, Path]] = []
     for key, item in items:
-        if not isinstance(item, str) or not item.strip():
-            top.report.error(key, f"must be a non-empty string (a folder path), got {_shown(item)}")
+        resolved = _read_folder(top, key, item, base_dir, env)
+        if resolved is None:
             continue
-        path = _expand(item.strip(), base_dir, env)
-        try:
-            exists, is_dir = path.exists(), path.is_dir()
-        except OSError as exc:
-            top.report.error(key, f"cannot access folder {path}: {exc.strerror or exc}")
-            continue
-        if not exists:
-            top.report.error(key, f"folder {path} does not exist")
-        elif not is_dir:
-            top.report.error(key, f"{path} is not a folder")
+        same = [other for other, seen in found if seen == resolved]
+        if same:
+            top.report.error(key, f"folder {resolved} is the same as {same[0]}; list it once")
         else:
-            resolved = path.resolve()
-            same = [other for other, seen in found if seen == resolved]
-            if same:
-                top.report.error(key, f"folder {resolved} is the same as {same[0]}; list it once")
-            else:
-                found.append((key, resolved))
+            found.append((key, resolved))
 
     # Nested folders would see every file twice (and under two category names).
     for i, (key_a, a) in enumerate(found):
@@ -1070,6 +1066,29 @@ def _read_folders(top: _Section, base_dir: Path, env: Mapping[str, str]) -> tupl
             elif a.is_relative_to(b):
                 top.report.error(key_a, f"folder {a} is inside {key_b} ({b}); watch only one")
     return tuple(path for _, path in found)
+
+
+def _read_folder(
+    top: _Section, key: str, item: Any, base_dir: Path, env: Mapping[str, str]
+) -> Path | None:
+    """One entry of ``folders``: the existing folder it names (resolved), or None after an
+    error."""
+    if not isinstance(item, str) or not item.strip():
+        top.report.error(key, f"must be a non-empty string (a folder path), got {_shown(item)}")
+        return None
+    path = _expand(item.strip(), base_dir, env)
+    try:
+        exists, is_dir = path.exists(), path.is_dir()
+    except OSError as exc:
+        top.report.error(key, f"cannot access folder {path}: {exc.strerror or exc}")
+        return None
+    if not exists:
+        top.report.error(key, f"folder {path} does not exist")
+    elif not is_dir:
+        top.report.error(key, f"{path} is not a folder")
+    else:
+        return path.resolve()
+    return None
 
 
 def _read_categories(top: _Section) -> dict[str, str]:

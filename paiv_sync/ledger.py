@@ -837,34 +837,13 @@ class Ledger:
                     # The dataset keeps the old content under the same name (and perhaps the
                     # same size): remember that copy, or reconciling could take it for the new
                     # content.
-                    db.execute(
-                        "INSERT INTO replaced_uploads (category, upload_name, size, sha256, "
-                        "server_file_id, replaced_at) VALUES (?, ?, ?, ?, ?, ?)",
-                        (
-                            old.category,
-                            old.upload_name,
-                            old.size,
-                            old.sha256,
-                            old.server_file_id,
-                            now,
-                        ),
-                    )
+                    self._remember_replaced(db, old, now)
                     replaced.add((old.category, old.sha256 or ""))
                 if old is not None:
                     holders.get((old.category, old.sha256 or ""), set()).discard(key)
-                state, reason = (
-                    (UPLOADING, RECOVERED_REASON) if self._recovering else (PENDING, None)
+                state, reason = self._state_of_new(
+                    item, holders, replaced if skip_duplicates else None
                 )
-                if skip_duplicates:
-                    content = (item.category, item.sha256)
-                    twins = holders.get(content, set()) - {key}
-                    if twins:
-                        state, reason = DUPLICATE, f"same content as {min(twins)[1]}"
-                    elif content in replaced:
-                        state, reason = (
-                            DUPLICATE,
-                            "same content as a file since replaced by new content",
-                        )
                 if old is None:
                     if not next_id:
                         next_id = (
@@ -925,6 +904,32 @@ class Ledger:
                 outcomes.append(Outcome(row, new=True, previous=old))
             self._insert_rows(db, inserts, now)
         return outcomes
+
+    @staticmethod
+    def _remember_replaced(db: sqlite3.Connection, old: FileRow, now: float) -> None:
+        """Keep what the dataset holds of ``old``, an uploaded row whose content is replaced."""
+        db.execute(
+            "INSERT INTO replaced_uploads (category, upload_name, size, sha256, "
+            "server_file_id, replaced_at) VALUES (?, ?, ?, ?, ?, ?)",
+            (old.category, old.upload_name, old.size, old.sha256, old.server_file_id, now),
+        )
+
+    def _state_of_new(
+        self,
+        item: NewFile,
+        holders: dict[tuple[str, str], set[tuple[str, str]]],
+        replaced: set[tuple[str, str]] | None,
+    ) -> tuple[str, str | None]:
+        """``(state, reason)`` of a new image: pending (in doubt while recovering), or, when
+        duplicates are skipped (``replaced`` given), a duplicate of content already held."""
+        if replaced is not None:
+            content = (item.category, item.sha256)
+            twins = holders.get(content, set()) - {(item.root, item.rel_path)}
+            if twins:
+                return DUPLICATE, f"same content as {min(twins)[1]}"
+            if content in replaced:
+                return DUPLICATE, "same content as a file since replaced by new content"
+        return (UPLOADING, RECOVERED_REASON) if self._recovering else (PENDING, None)
 
     @staticmethod
     def _rows_at(

@@ -25,6 +25,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import requests
 
@@ -188,6 +189,19 @@ class UploadTags:
             TAG_BATCH: self.batch(batch_id),
             TAG_FOLDER: "; ".join(folders),
         }
+
+
+@dataclass
+class _Sending:
+    """Where the sending of one batch stands (see Uploader._send_batch)."""
+
+    faults: _FileFaults
+    attempt: int = 0
+    maybe_sent: bool = False  # True once a POST of this batch may have reached the server
+    late_checks: int = 0  # after a timed-out POST: looks before sending again, and the wait
+    late_wait: float = 0.0
+    one_by_one: bool = False  # after the server refused a whole request: find the file at fault
+    locked_seen: bool = False
 
 
 class UploadsPaused(Exception):
@@ -364,40 +378,20 @@ class Uploader:
         report: BatchReport,
     ) -> None:
         """POST the batch's rows until each is settled, shutdown comes, or uploads pause."""
-        attempt = 0
-        maybe_sent = False  # True once a POST of this batch may have reached the server
-        late_checks, late_wait = 0, 0.0  # after a timed-out POST: look again before resending
-        one_by_one = False  # after the server refused a whole request: find the file at fault
-        locked_seen = False
-        faults = _FileFaults(self._clock, self._max_file_attempts, self._transient_limit)
+        st = _Sending(_FileFaults(self._clock, self._max_file_attempts, self._transient_limit))
         while True:
             rows = self.ledger.batch_rows(batch_id)
+            if rows and st.maybe_sent:
+                unsettled = self._settle_maybe_sent(
+                    st, dataset_id, category, category_id, rows, report
+                )
+                if unsettled == "again":
+                    continue
+                if unsettled == "stop":
+                    return
+                rows = unsettled
             if not rows:
                 return
-            if maybe_sent:
-                # Before anything else, and whatever became of the files on disk since: the
-                # server may hold them, and only the server can say. A file touched or deleted
-                # after an unanswered POST must not go back to ``pending`` unchecked.
-                unsettled = self._reconcile(dataset_id, category, category_id, rows, report)
-                if unsettled is None:
-                    self._leave_in_doubt(rows, report)
-                    return
-                if unsettled and late_checks > 0:
-                    # The POST timed out: the server may still be storing it. Give it a few
-                    # times as long as the POST was given before sending the files again.
-                    late_checks -= 1
-                    log.info(
-                        "category %r: %d files of a timed-out upload are not in the dataset "
-                        "yet; looking again in %.1f s before sending them again",
-                        category,
-                        len(unsettled),
-                        late_wait,
-                    )
-                    self._sleep(late_wait)
-                    late_wait *= 2
-                    continue
-                maybe_sent = False
-                rows = unsettled
             rows = self._still_on_disk(rows, report)
             if not rows:
                 return
@@ -406,8 +400,8 @@ class Uploader:
                 self.ledger.mark_pending([r.id for r in rows])
                 report.returned += len(rows)
                 return
-            attempt += 1
-            sending = rows[:1] if one_by_one else rows
+            st.attempt += 1
+            sending = rows[:1] if st.one_by_one else rows
             started = self._clock()
             tags = self.tags
             try:
@@ -418,91 +412,11 @@ class Uploader:
                     category_id=category_id,
                     metadata=tags.metadata(batch_id, sending) if tags is not None else None,
                 )
-            except AmbiguousError as exc:
-                maybe_sent = True
-                late_checks = 0
-                if isinstance(exc.__cause__, requests.exceptions.Timeout):
-                    late_checks = self._late_checks
-                    late_wait = max(self._clock() - started, self._retry.initial)
-                log.warning(
-                    "category %r: upload of %d files may or may not have reached the server (%s); "
-                    "checking the dataset before sending again",
-                    category,
-                    len(sending),
-                    exc,
-                )
-                self._backoff(attempt, getattr(exc, "retry_after", None))
-                continue
-            except DatasetLocked as exc:
-                # Nothing was stored; a training holds the dataset, maybe for a long while.
-                if not locked_seen:
-                    log.info(
-                        "category %r: the dataset is locked by a training (%s); %d files wait "
-                        "until it ends",
-                        category,
-                        exc.reason,
-                        len(sending),
-                    )
-                    locked_seen = True
-                self._backoff(attempt, getattr(exc, "retry_after", None))
-                continue
-            except TransientError as exc:
-                log.warning(
-                    "category %r: upload of %d files failed (%s); files stay pending, retrying",
-                    category,
-                    len(sending),
-                    exc,
-                )
-                self._backoff(attempt, getattr(exc, "retry_after", None))
-                continue
-            except NotFoundError as exc:
-                self.ledger.mark_pending([r.id for r in rows], reason="dataset not found")
-                report.returned += len(rows)
-                raise DatasetGone(str(exc)) from exc
-            except (AuthError, TlsError) as exc:
-                self.ledger.mark_pending([r.id for r in rows], reason=str(exc))
-                report.returned += len(rows)
-                raise UploadsPaused(str(exc)) from exc
-            except RequestError as exc:
-                # A refusal without a per-file list says nothing of the files one by one: the
-                # server may have stored some before refusing. Ask it before sending again.
-                maybe_sent = True
-                if len(sending) > 1:
-                    # The rest of the batch stays in it and goes one by one right after, so no
-                    # file falls back below the upload threshold to wait for the next flush.
-                    log.warning(
-                        "the server refused a batch of %d files (%s); sending them one by one",
-                        len(sending),
-                        exc,
-                    )
-                    one_by_one = True
-                else:
-                    self._refused_alone(sending[0], exc, report, faults)
-                self._backoff(attempt)
-                continue
-            except MviError as exc:
-                # An answer of an unexpected shape: the files may be stored; check first.
-                maybe_sent = True
-                log.warning(
-                    "category %r: unexpected answer to an upload (%s); checking the "
-                    "dataset before sending again",
-                    category,
-                    exc,
-                )
-                self._backoff(attempt)
-                continue
-            except OSError as exc:
-                # A file vanished or changed while it was being sent: the request was cut short
-                # and the server stored nothing. The next round re-checks every file on disk.
-                log.warning(
-                    "category %r: a file changed while it was sent (%s); trying again",
-                    category,
-                    exc,
-                )
-                self._backoff(attempt)
+            except (MviError, OSError) as exc:
+                self._upload_failed(exc, st, category, sending, rows, report, started)
                 continue
             settled_all = self._settle_results(
-                sending, results, report, faults, batch_id if sending is rows else None
+                sending, results, report, st.faults, batch_id if sending is rows else None
             )
             if self.tags is not None and self.tags_supported(dataset_id) is None:
                 stored = next((r.file_id for r in results if r.ok and r.file_id), None)
@@ -510,6 +424,131 @@ class Uploader:
                     self._learn_tag_support(dataset_id, batch_id, stored)
             if settled_all:
                 return  # every row of the batch is settled: nothing left to read back
+
+    def _settle_maybe_sent(
+        self,
+        st: _Sending,
+        dataset_id: str,
+        category: str,
+        category_id: str,
+        rows: list[FileRow],
+        report: BatchReport,
+    ) -> list[FileRow] | Literal["again", "stop"]:
+        """After a POST that may have reached the server: the rows it does not hold.
+
+        Before anything else, and whatever became of the files on disk since: the server may
+        hold them, and only the server can say. A file touched or deleted after an unanswered
+        POST must not go back to ``pending`` unchecked. Returns ``"again"`` to look again
+        (after a wait), ``"stop"`` after leaving the rows in doubt (the server cannot be asked).
+        """
+        unsettled = self._reconcile(dataset_id, category, category_id, rows, report)
+        if unsettled is None:
+            self._leave_in_doubt(rows, report)
+            return "stop"
+        if unsettled and st.late_checks > 0:
+            # The POST timed out: the server may still be storing it. Give it a few times as
+            # long as the POST was given before sending the files again.
+            st.late_checks -= 1
+            log.info(
+                "category %r: %d files of a timed-out upload are not in the dataset yet; "
+                "looking again in %.1f s before sending them again",
+                category,
+                len(unsettled),
+                st.late_wait,
+            )
+            self._sleep(st.late_wait)
+            st.late_wait *= 2
+            return "again"
+        st.maybe_sent = False
+        return unsettled
+
+    def _upload_failed(
+        self,
+        exc: MviError | OSError,
+        st: _Sending,
+        category: str,
+        sending: list[FileRow],
+        rows: list[FileRow],
+        report: BatchReport,
+        started: float,
+    ) -> None:
+        """A POST of ``sending`` (of the batch's ``rows``) failed: decide, say and wait.
+
+        Raises DatasetGone or UploadsPaused (after putting the rows back to ``pending``) when
+        the dataset is gone or the server refuses the credentials or the certificate.
+        """
+        hint = getattr(exc, "retry_after", None)
+        if isinstance(exc, AmbiguousError):
+            st.maybe_sent = True
+            st.late_checks = 0
+            if isinstance(exc.__cause__, requests.exceptions.Timeout):
+                st.late_checks = self._late_checks
+                st.late_wait = max(self._clock() - started, self._retry.initial)
+            log.warning(
+                "category %r: upload of %d files may or may not have reached the server (%s); "
+                "checking the dataset before sending again",
+                category,
+                len(sending),
+                exc,
+            )
+        elif isinstance(exc, DatasetLocked):
+            # Nothing was stored; a training holds the dataset, maybe for a long while.
+            if not st.locked_seen:
+                log.info(
+                    "category %r: the dataset is locked by a training (%s); %d files wait "
+                    "until it ends",
+                    category,
+                    exc.reason,
+                    len(sending),
+                )
+                st.locked_seen = True
+        elif isinstance(exc, TransientError):
+            log.warning(
+                "category %r: upload of %d files failed (%s); files stay pending, retrying",
+                category,
+                len(sending),
+                exc,
+            )
+        elif isinstance(exc, (NotFoundError, AuthError, TlsError)):
+            gone = isinstance(exc, NotFoundError)
+            reason = "dataset not found" if gone else str(exc)
+            self.ledger.mark_pending([r.id for r in rows], reason=reason)
+            report.returned += len(rows)
+            raise (DatasetGone if gone else UploadsPaused)(str(exc)) from exc
+        elif isinstance(exc, RequestError):
+            # A refusal without a per-file list says nothing of the files one by one: the
+            # server may have stored some before refusing. Ask it before sending again.
+            st.maybe_sent = True
+            hint = None
+            if len(sending) > 1:
+                # The rest of the batch stays in it and goes one by one right after, so no
+                # file falls back below the upload threshold to wait for the next flush.
+                log.warning(
+                    "the server refused a batch of %d files (%s); sending them one by one",
+                    len(sending),
+                    exc,
+                )
+                st.one_by_one = True
+            else:
+                self._refused_alone(sending[0], exc, report, st.faults)
+        elif isinstance(exc, MviError):
+            # An answer of an unexpected shape: the files may be stored; check first.
+            st.maybe_sent = True
+            hint = None
+            log.warning(
+                "category %r: unexpected answer to an upload (%s); checking the dataset before "
+                "sending again",
+                category,
+                exc,
+            )
+        else:
+            # A file vanished or changed while it was being sent: the request was cut short
+            # and the server stored nothing. The next round re-checks every file on disk.
+            hint = None
+            log.warning(
+                "category %r: a file changed while it was sent (%s); trying again", category, exc
+            )
+        self._backoff(st.attempt, hint)
 
     def _ensure_category(self, dataset_id: str, category: str) -> str | None:
         attempt = 0
