@@ -19,22 +19,17 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 
 from paiv_sync import ledger as states
 from paiv_sync import reconcile
 from paiv_sync.api import (
-    AmbiguousError,
-    AuthError,
     MviClient,
     MviError,
-    NotFoundError,
-    TlsError,
-    newest,
 )
 from paiv_sync.batcher import Debouncer, batches
 from paiv_sync.config import Config
+from paiv_sync.connection import Connection
 from paiv_sync.images import Inspection, content_type, inspect_image
 from paiv_sync.layout import SKIP_EXTENSION, SKIP_IN_ROOT, Layout, Location, Skip, shown
 from paiv_sync.ledger import (
@@ -202,18 +197,15 @@ class Service:
         self.uploader: Uploader | None = None
         self.trainer: Trainer | None = None
         self.watcher: Watcher | None = None
-        self.dataset_id: str | None = None
+        self.connection: Connection | None = None
         self.ready = threading.Event()
         self._pool: ThreadPoolExecutor | None = None
         self._inflight: dict[str, list[Future[None]]] = {}
         self._pending: dict[str, int] = {}
         self._returned: set[str] = set()  # categories with files back from an upload
         self._pending_dirty = True
-        self._connected = False
         # Categories whose pending files were checked against the server's list this run.
         self._dup_checked: set[str] = set()
-        self._connect_failures = 0
-        self._next_connect = 0.0
         self._next_rescan = 0.0
         # Rows left ``uploading`` by a batch that ended without settling them (the dataset
         # vanished, the credentials were refused mid-reconcile): resolved while running.
@@ -228,8 +220,6 @@ class Service:
         # upload worker last showed progress (a request ended or a back-off wait began).
         self._loop_beat = clock()
         self._loop_thread: int | None = None  # the pipeline thread's ident, once it runs
-        self._connect_fatal = False  # the last connect failed on credentials or TLS
-        self._connector: threading.Thread | None = None  # connecting, off the pipeline thread
         # A ledger that refuses writes (see _ledger_failed); guarded by _beats_lock.
         self._ledger_down_since: float | None = None
         self._ledger_failures = 0
@@ -260,7 +250,12 @@ class Service:
     @property
     def connected(self) -> bool:
         """Whether the server is reachable and the dataset resolved."""
-        return self._connected
+        return self.connection is not None and self.connection.connected
+
+    @property
+    def dataset_id(self) -> str | None:
+        """The id of the dataset fed, once known."""
+        return self.connection.dataset_id if self.connection is not None else None
 
     def request_reload(self) -> None:
         """Re-read the configuration file at the next turn of the loop (SIGHUP)."""
@@ -398,6 +393,21 @@ class Service:
             strategy=cfg.strategy,
             stop_event=self.stop_event,
         )
+        self.connection = Connection(
+            cfg,
+            self.client,
+            self.ledger,
+            self.uploader,
+            self.trainer,
+            retry=self._retry,
+            stop_event=self.stop_event,
+            lost=self._lost,
+            clock=self._clock,
+            on_connected=self._connected_now,
+            job=self._job,
+            on_ledger_failure=self._ledger_failed,
+            wake=lambda: self.inbox.put(_WAKE_UP),
+        )
         self._pool = ThreadPoolExecutor(
             max_workers=cfg.upload_workers, thread_name_prefix="paiv-upload"
         )
@@ -423,8 +433,8 @@ class Service:
             self._trainer_thread.join(timeout=self.config.timeout + 5)
         if self._watchdog_thread is not None:
             self._watchdog_thread.join(timeout=5)
-        if self._connector is not None:
-            self._connector.join(timeout=self.config.timeout + 5)
+        if self.connection is not None:
+            self.connection.join(timeout=self.config.timeout + 5)
         if self.client is not None:
             self.client.close()
         if self.ledger is not None:
@@ -561,10 +571,15 @@ class Service:
     def _wait_time(self) -> float:
         now = self._clock()
         wait = 1.0
-        if (self._lost.is_set() or not self._connected) and self._connector is None:
+        connection = self.connection
+        if (
+            connection is not None
+            and not connection.trying
+            and (self._lost.is_set() or not connection.connected)
+        ):
             # Connecting (at start, or again after a failure) must not wait for a file event;
             # a connector at work wakes the loop when it is done.
-            wait = min(wait, max(0.0, self._next_connect - now))
+            wait = min(wait, max(0.0, connection.next_try - now))
         due = self.gate.next_due()
         if due is not None:
             wait = min(wait, max(0.0, due - now))
@@ -933,174 +948,18 @@ class Service:
                 self.config.quiet_time,
             )
 
-    # -- connecting ----------------------------------------------------------------------
+    # -- connecting (see paiv_sync.connection) -------------------------------------------
 
     def _ensure_connected(self) -> bool:
-        """Whether the service is connected; if not, and a try is due, start one.
+        assert self.connection is not None
+        return self.connection.ensure()
 
-        While running, connecting (log in, resolve the dataset, settle the files in doubt)
-        happens in a thread of its own, so that files are taken in while the server is away;
-        under ``--once`` it happens here.
-        """
-        if self._lost.is_set():
-            self._lost.clear()
-            self._connected = False
-        if self._connected:
-            return True
-        connector = self._connector
-        if connector is not None:
-            if connector.is_alive():
-                return False
-            self._connector = None
-            if self._connected:
-                return True
-        if self._clock() < self._next_connect or self.stop_event.is_set():
-            return False
-        if self.once:
-            return self._try_connect()
-        self._connector = threading.Thread(
-            target=self._connect_in_background, name="paiv-connect", daemon=True
-        )
-        self._connector.start()
-        return False
-
-    def _connect_in_background(self) -> None:
-        """The connector thread: one try (with the client's retries), then wake the loop."""
-        with self._job():
-            try:
-                self._try_connect()
-            except LedgerWriteError as exc:
-                self._ledger_failed(exc)
-            except Exception as exc:  # the thread must end with a verdict
-                log.exception("connecting to the server crashed")
-                self._connect_failed(exc, fatal_hint=False)
-            finally:
-                self.inbox.put(_WAKE_UP)
-
-    def _try_connect(self) -> bool:
-        """Connect now; on failure, log it and set when to try again."""
-        try:
-            self._connect()
-        except (AuthError, TlsError) as exc:
-            self._connect_fatal = True
-            self._connect_failed(exc, fatal_hint=True)
-            return False
-        except MviError as exc:
-            self._connect_fatal = False
-            self._connect_failed(exc, fatal_hint=False)
-            return False
-        self._connected = True
-        self._connect_failures = 0
-        self._trainer_wake.set()
-        return True
-
-    def _connect_failed(self, exc: Exception, *, fatal_hint: bool) -> None:
-        self._connect_failures += 1
-        # A refused password or certificate will not change by itself: the longest wait.
-        delay = self._retry.maximum if fatal_hint else self._retry.delay(self._connect_failures)
-        self._next_connect = self._clock() + delay
-        log.error(
-            "cannot use the server at %s: %s; files stay pending; trying again in %.0f s",
-            self.config.base_url,
-            exc,
-            delay,
-        )
-
-    def _connect(self) -> None:
-        assert self.client is not None and self.ledger is not None
-        assert self.uploader is not None and self.trainer is not None
-        self.client.authenticate()
-        dataset_id = self._resolve_dataset()
-        if self.dataset_id is not None and dataset_id != self.dataset_id:
-            # Another dataset (the old one was deleted): what it holds has not been compared.
+    def _connected_now(self, new_dataset: bool) -> None:
+        """After each connect: compare with the dataset again if it is another, and go on."""
+        if new_dataset:
             self._dup_checked.clear()
-        self.dataset_id = dataset_id
-        self.uploader.dataset_id = dataset_id
-        self.trainer.dataset_id = dataset_id
-        self.uploader.resolve_in_doubt()
         self._pending_dirty = True
-
-    def _resolve_dataset(self) -> str:
-        """The id of the dataset to feed, creating it when needed (see ``dataset.action``)."""
-        assert self.client is not None and self.ledger is not None
-        cfg = self.config
-        remembered = self.ledger.get_meta("dataset_id")
-        remembered_for = self.ledger.get_meta("dataset_config_name")
-        if remembered and remembered_for == cfg.dataset_name:
-            try:
-                dataset = self.client.get_dataset(remembered)
-            except NotFoundError:
-                log.warning(
-                    "dataset %s (id %s) that this service fed is gone from the server; its files "
-                    "will go into a new one",
-                    cfg.dataset_name,
-                    remembered,
-                )
-            else:
-                log.info("using dataset %r (id %s)", dataset.get("name"), remembered)
-                return remembered
-        dataset_id: str | None = None
-        if cfg.dataset_action == "append":
-            same_name = [
-                d for d in self.client.list_datasets() if d.get("name") == cfg.dataset_name
-            ]
-            if same_name:
-                chosen = newest(same_name)
-                dataset_id = str(chosen["_id"])
-                log.info("using dataset %r (id %s)", cfg.dataset_name, dataset_id)
-            else:
-                dataset_id = self._create_dataset(cfg.dataset_name)
-        else:
-            # A creation whose answer was lost (or cut short by a crash) is finished under
-            # the name it was given, not started again under a new one.
-            name = self.ledger.get_meta("creating_dataset") or (
-                f"{cfg.dataset_name}-{datetime.now():%Y%m%d-%H%M%S}"
-            )
-            dataset_id = self._create_dataset(name)
-        if remembered and remembered != dataset_id:
-            again = self.ledger.reset_for_new_dataset()
-            if again:
-                log.warning(
-                    "%d files uploaded to the previous dataset will be uploaded to the new one",
-                    again,
-                )
-        self.ledger.set_meta("dataset_id", dataset_id)
-        self.ledger.bind(endpoint=cfg.base_url, dataset_name=cfg.dataset_name)
-        self.ledger.delete_meta("creating_dataset")  # only now: see _create_dataset
-        return dataset_id
-
-    def _create_dataset(self, name: str) -> str:
-        """Create the dataset ``name`` once, also when the answer to the POST is lost.
-
-        The name is recorded before the POST (and forgotten once the ledger records the id);
-        until then every attempt first looks the name up, so a creation the server carried
-        out is not repeated and no empty dataset is left behind. Raises MviError when the
-        server cannot be asked.
-        """
-        assert self.client is not None and self.ledger is not None
-        if self.ledger.get_meta("creating_dataset") == name:
-            same_name = [d for d in self.client.list_datasets() if d.get("name") == name]
-            if same_name:
-                dataset_id = str(newest(same_name)["_id"])
-                log.info(
-                    "dataset %r (id %s) was created although the answer was lost; using it",
-                    name,
-                    dataset_id,
-                )
-                return dataset_id
-        else:
-            self.ledger.set_meta("creating_dataset", name)
-        try:
-            dataset_id = self.client.create_dataset(name)
-        except AmbiguousError:
-            log.warning(
-                "the answer to creating dataset %r was lost; it is looked up by name before "
-                "it is created again",
-                name,
-            )
-            raise
-        log.info("created dataset %r (id %s)", name, dataset_id)
-        return dataset_id
+        self._trainer_wake.set()
 
     def _report_kept(self) -> None:
         """Say which folders no longer configured still have files that will not be sent."""
@@ -1136,7 +995,7 @@ class Service:
         rejected = sum(c.get(states.REJECTED, 0) for c in counts.values())
         last = self.ledger.last_training()
         training = f"; last training {last.name}: {last.state}" if last else ""
-        server = "" if self._connected else "; server not reachable"
+        server = "" if self.connected else "; server not reachable"
         return f"{pending} pending, {uploaded} uploaded, {rejected} rejected{training}{server}"
 
     def _report_status(self) -> None:
@@ -1235,7 +1094,7 @@ class Service:
         return self._pending
 
     def _dispatch(self, *, force: bool) -> None:
-        if not self._connected or self.stop_event.is_set() or self._ledger_down_since is not None:
+        if not self.connected or self.stop_event.is_set() or self._ledger_down_since is not None:
             return
         assert self.ledger is not None and self._pool is not None
         counts = {c: n for c, n in self._pending_counts().items() if c not in self._inflight}
@@ -1281,7 +1140,7 @@ class Service:
             except Exception:
                 log.exception("checking files in doubt against the server crashed; will retry")
             self._orphans = None
-        if not self._connected or self.stop_event.is_set() or self._pool is None:
+        if not self.connected or self.stop_event.is_set() or self._pool is None:
             return
         if not now and self._clock() < self._next_orphan_check:
             return
@@ -1487,7 +1346,7 @@ class Service:
 
     def _run_trainer(self) -> None:
         assert self.trainer is not None
-        while not self.stop_event.is_set() and not self._connected:
+        while not self.stop_event.is_set() and not self.connected:
             self._trainer_wake.wait(1.0)
             self._trainer_wake.clear()
         self.trainer.run(self._trainer_wake, self.config.poll_interval)
@@ -1499,12 +1358,14 @@ class Service:
 
         A refused password or certificate is not tried again (it will not change by itself).
         """
+        connection = self.connection
+        assert connection is not None
         for attempt in range(1, ONCE_TRIES + 1):
-            if self._ensure_connected():
+            if connection.try_now():
                 return True
-            if self._connect_fatal or self.stop_event.is_set() or attempt == ONCE_TRIES:
+            if connection.fatal or self.stop_event.is_set() or attempt == ONCE_TRIES:
                 return False
-            self.stop_event.wait(max(0.0, self._next_connect - self._clock()))
+            self.stop_event.wait(max(0.0, connection.next_try - self._clock()))
         return False
 
     def _admit_all(self) -> None:
