@@ -13,17 +13,14 @@ import os
 import signal
 import sys
 import threading
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any, TextIO
-
-if TYPE_CHECKING:
-    from paiv_sync.service import Progress
+from typing import Any
 
 from paiv_sync import __version__
 from paiv_sync.config import Config, ConfigError, load_config
+from paiv_sync.progress import ProgressLine
 
 log = logging.getLogger("paiv_sync")
 
@@ -206,113 +203,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _retry(config, rejected=args.rejected)
     port = args.health_port if args.health_port is not None else config.health_port
     return _run(config, once=args.once, health_port=port)
-
-
-def format_progress(progress: Progress) -> str:
-    """One line for a :class:`~paiv_sync.service.Progress` report.
-
-    E.g. ``"1,234/5,000 files (24 %), 37.0/150.2 MB, 812 files/s, 24.3 MB/s, ETA 0:04"``. The
-    percentage counts files and shows 100 only when every file is done.
-    """
-    files, files_total = progress.files_done, progress.files_total
-    percent = 100 if files >= files_total else (100 * files) // max(1, files_total)
-    elapsed = max(progress.elapsed, 1e-6)
-    file_rate = files / elapsed
-    byte_rate = progress.bytes_done / elapsed
-    # By bytes when known: a few big files left take longer than their count says.
-    if progress.bytes_total and byte_rate > 0:
-        left = max(0, progress.bytes_total - progress.bytes_done) / byte_rate
-    elif file_rate > 0:
-        left = max(0, files_total - files) / file_rate
-    else:
-        left = None
-    eta = "?" if left is None else f"{int(left) // 60}:{int(left) % 60:02d}"
-    return (
-        f"{files:,}/{files_total:,} files ({percent} %), "
-        f"{progress.bytes_done / 1e6:.1f}/{progress.bytes_total / 1e6:.1f} MB, "
-        f"{file_rate:.0f} files/s, {byte_rate / 1e6:.1f} MB/s, ETA {eta}"
-    )
-
-
-class ProgressLine:
-    """Shows ``--once`` progress on a stream (stderr).
-
-    On a terminal: one line redrawn in place (carriage return) after every report. Otherwise
-    (a log file, a pipe): a plain ``progress: …`` line at most every ``every`` seconds or each
-    time another tenth of the files is done, and the last report at :meth:`finish`. Called
-    from upload worker threads; each call is one short write.
-    """
-
-    def __init__(
-        self,
-        stream: TextIO,
-        *,
-        tty: bool,
-        every: float = 5.0,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self._stream = stream
-        self._tty = tty
-        self._every = every
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._last: Progress | None = None
-        self._shown: Progress | None = None  # the report last written
-        self._shown_at = clock()
-        self._on_screen = False  # a terminal line is drawn and not yet ended
-
-    def __call__(self, progress: Progress) -> None:
-        with self._lock:
-            self._last = progress
-            if self._tty:
-                self._draw(progress)
-                return
-            tenth = self._tenth(progress)
-            shown = self._shown
-            if (
-                shown is None
-                or tenth > self._tenth(shown)
-                or self._clock() - self._shown_at >= self._every
-            ):
-                self._write_line(progress)
-
-    def clear(self) -> None:
-        """Wipe the terminal line (before a log line is written under it)."""
-        with self._lock:
-            if self._on_screen:
-                self._stream.write("\r\x1b[K")
-                self._stream.flush()
-                self._on_screen = False
-
-    def finish(self) -> None:
-        """Show the last report (if not yet shown in full) and end the line."""
-        with self._lock:
-            last = self._last
-            if last is None:
-                return
-            if self._tty:
-                self._draw(last)
-                self._stream.write("\n")
-                self._stream.flush()
-                self._on_screen = False
-            elif last != self._shown:
-                self._write_line(last)
-
-    @staticmethod
-    def _tenth(progress: Progress) -> int:
-        return (10 * progress.files_done) // max(1, progress.files_total)
-
-    def _draw(self, progress: Progress) -> None:
-        self._stream.write("\r\x1b[K" + format_progress(progress))
-        self._stream.flush()
-        self._on_screen = True
-        self._shown = progress
-
-    def _write_line(self, progress: Progress) -> None:
-        self._stream.write(f"progress: {format_progress(progress)}\n")
-        self._stream.flush()
-        self._shown = progress
-        self._shown_at = self._clock()
 
 
 class _ClearProgress(logging.Filter):

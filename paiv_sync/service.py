@@ -40,6 +40,7 @@ from paiv_sync.ledger import (
     NewFile,
     Outcome,
 )
+from paiv_sync.progress import ProgressCounter, ProgressHook
 from paiv_sync.retry import RetryPolicy
 from paiv_sync.scanner import SKIP_NOT_REGULAR, scan, scan_stats
 from paiv_sync.stability import Settled, StabilityGate
@@ -107,26 +108,6 @@ _ORPHAN_CHECK_INTERVAL = 5.0
 
 def _no_notify(_message: str) -> None:
     return None
-
-
-@dataclass(frozen=True)
-class Progress:
-    """Where a ``--once`` run's uploads stand; what the progress hook is given.
-
-    ``files_total``/``bytes_total`` are the files pending when the uploads began plus those
-    admitted since (so they grow while new files are still being checked); ``*_done`` count
-    the files the server confirmed, refused for good, or already held. ``elapsed`` is seconds
-    since the uploads began.
-    """
-
-    files_done: int
-    files_total: int
-    bytes_done: int
-    bytes_total: int
-    elapsed: float
-
-
-ProgressHook = Callable[[Progress], None]
 
 
 @dataclass
@@ -233,11 +214,7 @@ class Service:
         self.last_upload_time: float | None = None  # wall clock of the last confirmed upload
         self._next_status = 0.0
         self._status_text = ""
-        self._progress_hook = progress if once else None
-        self._progress_lock = threading.Lock()
-        self._progress_counts = [0, 0, 0, 0]  # files done, files total, bytes done, bytes total
-        self._progress_shown: tuple[int, ...] = ()  # the counts of the last report
-        self._progress_started: float | None = None
+        self._progress = ProgressCounter(progress, clock) if once and progress else None
 
     # -- public --------------------------------------------------------------------------
 
@@ -1180,7 +1157,7 @@ class Service:
         assert self.uploader is not None and self.ledger is not None
         sizes = (
             {r.id: r.size for r in self.ledger.pending(category)}
-            if self._progress_hook is not None
+            if self._progress is not None
             else {}
         )
         try:
@@ -1290,32 +1267,9 @@ class Service:
         total: tuple[int, int] = (0, 0),
         report: bool = False,
     ) -> None:
-        """Count files (and bytes) done or newly to do; tell the progress hook when done moved.
-
-        Called by the pipeline and the upload workers. A hook that raises is reported and
-        dropped: a display must not stop the uploads.
-        """
-        hook = self._progress_hook
-        if hook is None or self._progress_started is None:
-            return
-        with self._progress_lock:
-            counts = self._progress_counts
-            counts[0] += done[0]
-            counts[1] += total[0]
-            counts[2] += done[1]
-            counts[3] += total[1]
-            snapshot = Progress(
-                counts[0], counts[1], counts[2], counts[3], self._clock() - self._progress_started
-            )
-            if not done[0] and not (report and tuple(counts) != self._progress_shown):
-                return
-            self._progress_shown = tuple(counts)
-            try:
-                # Under the lock: reports reach the hook in order, never with a count going back.
-                hook(snapshot)
-            except Exception:
-                log.exception("the progress display failed; no more progress reports")
-                self._progress_hook = None
+        """Count files (and bytes) done or newly to do, for ``--once`` progress."""
+        if self._progress is not None:
+            self._progress.add(done=done, total=total, report=report)
 
     def _collect_uploads(self) -> None:
         done = [c for c, futures in self._inflight.items() if all(f.done() for f in futures)]
@@ -1380,14 +1334,13 @@ class Service:
         assert self.ledger is not None and self.trainer is not None
         if not self._connect_once_mode():
             return 1
-        if self._progress_hook is not None:
+        if self._progress is not None:
             # Everything there may be to send, known now, so the rate and ETA hold from the
             # start: pending rows, and the files the scan found new or changed. A file looked
             # at that needs no upload (unchanged, a duplicate, not an image, gone) drops out.
             files, size = self.ledger.pending_totals()
             candidates, candidate_bytes = self.gate.totals()
-            self._progress_started = self._clock()
-            self._progress_add(total=(files + candidates, size + candidate_bytes))
+            self._progress.start(total=(files + candidates, size + candidate_bytes))
         self._admit_all()
         # Batches dispatched while admitting first: a category still in flight would be
         # skipped by the final dispatch.

@@ -10,10 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from paiv_sync.cli import ProgressLine, format_progress
 from paiv_sync.emulator import Emulator
 from paiv_sync.images import make_png
-from paiv_sync.service import Progress, Service
+from paiv_sync.progress import Progress, ProgressLine, format_progress
+from paiv_sync.service import Service
 from tests.e2e import FAST_RETRY, config_for, running, server_count
 from tests.helpers import wait_until
 
