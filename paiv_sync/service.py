@@ -8,7 +8,6 @@ training tasks. One ``threading.Event`` stops them all.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import queue
@@ -30,6 +29,7 @@ from paiv_sync.api import (
 from paiv_sync.batcher import Debouncer, batches
 from paiv_sync.config import Config
 from paiv_sync.connection import Connection
+from paiv_sync.heartbeats import Heartbeats
 from paiv_sync.images import Inspection, content_type, inspect_image
 from paiv_sync.layout import SKIP_EXTENSION, SKIP_IN_ROOT, Layout, Location, Skip, shown
 from paiv_sync.ledger import (
@@ -199,16 +199,18 @@ class Service:
         self._warned: set[str] = set()
         # Health, for the systemd watchdog: when the pipeline loop last turned, and when each
         # upload worker last showed progress (a request ended or a back-off wait began).
-        self._loop_beat = clock()
-        self._loop_thread: int | None = None  # the pipeline thread's ident, once it runs
-        # A ledger that refuses writes (see _ledger_failed); guarded by _beats_lock.
+        self.beats = Heartbeats(
+            clock,
+            stall_limit=max(60.0, 2 * config.timeout),
+            job_limit=3 * config.timeout + 2 * self._retry.maximum + 30,
+        )
+        # A ledger that refuses writes (see _ledger_failed); guarded by _ledger_lock.
         self._ledger_down_since: float | None = None
         self._ledger_failures = 0
         self._ledger_blocked_until = 0.0
         self._ledger_said = 0.0
         self._fatal = False  # the service gave up: run() returns 1
-        self._job_beats: dict[int, float] = {}
-        self._beats_lock = threading.Lock()
+        self._ledger_lock = threading.Lock()
         self._reload_requested = threading.Event()
         self.upload_retries = 0  # back-off waits of the upload workers, for /metrics
         self.last_upload_time: float | None = None  # wall clock of the last confirmed upload
@@ -241,18 +243,9 @@ class Service:
 
     def healthy(self) -> tuple[bool, str]:
         """Whether observer, pipeline and upload workers all work; and if not, why."""
-        now = self._clock()
         if self.watcher is not None and not self.watcher.is_alive():
             return False, "the file watcher is not running"
-        stall_limit = max(60.0, 2 * self.config.timeout)
-        if now - self._loop_beat > stall_limit:
-            return False, f"the pipeline loop has not turned for {now - self._loop_beat:.0f} s"
-        job_limit = 3 * self.config.timeout + 2 * self._retry.maximum + 30
-        with self._beats_lock:
-            oldest = min(self._job_beats.values(), default=now)
-        if now - oldest > job_limit:
-            return False, f"an upload worker has shown no progress for {now - oldest:.0f} s"
-        return True, "ok"
+        return self.beats.verdict()
 
     def hint(self, path: str, is_dir: bool) -> None:
         """A path that may have changed (the watcher's sink: never blocks, never raises)."""
@@ -347,7 +340,7 @@ class Service:
                 initial=self._retry.initial, maximum=self._retry.maximum, max_attempts=ONCE_TRIES
             ),
             stop_event=self.stop_event,
-            on_wait=self._alive,
+            on_wait=self.beats.alive,
         )
         self.uploader = Uploader(
             self.client,
@@ -381,7 +374,7 @@ class Service:
             lost=self._lost,
             clock=self._clock,
             on_connected=self._connected_now,
-            job=self._job,
+            job=self.beats.job,
             on_ledger_failure=self._ledger_failed,
             wake=lambda: self.inbox.put(_WAKE_UP),
         )
@@ -425,10 +418,9 @@ class Service:
     # -- the main loop -------------------------------------------------------------------
 
     def _loop(self) -> None:
-        self._loop_thread = threading.get_ident()
         self._next_rescan = self._clock() + self.config.rescan_interval
         while not self.stop_event.is_set():
-            self._loop_beat = self._clock()
+            self.beats.loop()
             if self._ledger_held():
                 continue
             try:
@@ -465,7 +457,7 @@ class Service:
         LEDGER_GIVE_UP seconds of failures the service stops (exit 1).
         """
         now = self._clock()
-        with self._beats_lock:
+        with self._ledger_lock:
             self._ledger_failures += 1
             first = self._ledger_down_since is None
             if self._ledger_down_since is None:
@@ -533,7 +525,7 @@ class Service:
             self.ledger.path,
             now - self._ledger_down_since,
         )
-        with self._beats_lock:
+        with self._ledger_lock:
             self._ledger_down_since = None
             self._ledger_failures = 0
         self._pending_dirty = True
@@ -696,7 +688,7 @@ class Service:
             )
             for count, item in enumerate(found, start=1):
                 if count % 4096 == 0:
-                    self._loop_beat = self._clock()  # a long scan is progress too
+                    self.beats.loop()  # a long scan is progress too
                 yield item
 
         def lookup(rel: str) -> reconcile.Recorded | None:
@@ -1133,7 +1125,7 @@ class Service:
         assert self.ledger is not None
         if self.stop_event.is_set() or self._lost.is_set():
             return
-        with self._job():
+        with self.beats.job():
             try:
                 if not self._check_server_duplicates(category):
                     return
@@ -1180,47 +1172,18 @@ class Service:
             self._pending_dirty = True
         return True
 
-    def _alive(self) -> None:
-        """A thread is about to wait before trying a request again: a sign of life.
-
-        Liveness means that the process works, not that the server answers: a worker (or
-        the pipeline) retrying through a long outage is alive, and the watchdog must not
-        kill it.
-        """
-        ident = threading.get_ident()
-        now = self._clock()
-        if ident == self._loop_thread:
-            self._loop_beat = now
-        with self._beats_lock:
-            if ident in self._job_beats:
-                self._job_beats[ident] = now
-
-    @contextlib.contextmanager
-    def _job(self) -> Iterator[None]:
-        """Count the calling thread as an upload worker at work while inside."""
-        ident = threading.get_ident()
-        with self._beats_lock:
-            outer = ident in self._job_beats
-            self._job_beats[ident] = self._clock()
-        try:
-            yield
-        finally:
-            if not outer:
-                with self._beats_lock:
-                    self._job_beats.pop(ident, None)
-
     def _upload_sleep(self, seconds: float) -> None:
         """The uploader's back-off wait: a sign of life, and it ends at once on shutdown."""
-        self._alive()
+        self.beats.alive()
         self.upload_retries += 1
         self.stop_event.wait(seconds)
-        self._alive()
+        self.beats.alive()
 
     def _upload_job(self, category: str, file_ids: list[int]) -> None:
         assert self.uploader is not None
         if self.stop_event.is_set() or self._lost.is_set():
             return
-        with self._job():
+        with self.beats.job():
             self._upload_job_inner(category, file_ids)
 
     def _upload_job_inner(self, category: str, file_ids: list[int]) -> None:

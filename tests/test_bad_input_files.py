@@ -78,8 +78,8 @@ def rescan(service: Service, clock: SkipClock, caplog: pytest.LogCaptureFixture)
     clock.advance(service.config.rescan_interval + 1)
     wait_until(lambda: scans() > before, timeout=10, message="a periodic rescan")
     # The scan runs right after its log line; the next loop turn shows it has finished.
-    beat = service._loop_beat
-    wait_until(lambda: service._loop_beat != beat, timeout=10, message="the loop turned")
+    beat = service.beats.last_loop
+    wait_until(lambda: service.beats.last_loop != beat, timeout=10, message="the loop turned")
 
 
 def put(path: Path, data: bytes) -> bytes:

@@ -415,8 +415,8 @@ def test_connects_at_once_and_stops_at_once(emulator: Emulator, root: Path) -> N
         started_at = time.monotonic()
         wait_until(lambda: service.connected, timeout=10)
         assert time.monotonic() - started_at < 0.7
-        beat = service._loop_beat
-        wait_until(lambda: service._loop_beat != beat, timeout=5)  # a new wait has begun
+        beat = service.beats.last_loop
+        wait_until(lambda: service.beats.last_loop != beat, timeout=5)  # a new wait has begun
         stopping_at = time.monotonic()
         service.stop()
         thread.join(10)

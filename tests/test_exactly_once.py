@@ -39,6 +39,7 @@ UPLOAD_ROUTE = "POST /datasets/{id}/files"
 # Every fault at once. Latency stays well under the client's read timeout: a request the
 # server carries out after the client gave up on it cannot be told from a lost one (see the
 # uploader's docstring), and that is a limit of the protocol, not something to test here.
+FAULT_KINDS = ("error", "drop", "store_then_drop", "rate_limit", "fail_in_200", "latency")
 ALL_FAULTS = FaultOptions(
     error_rate=0.2,
     drop_rate=0.05,
@@ -134,18 +135,47 @@ def test_every_server_fault_at_once_each_file_arrives_exactly_once(root: Path, k
         with running(config) as runner:
             for i in range(300):
                 write_image(root / CATEGORIES[i % 3] / f"img{i:04d}.png", i)
-            expected = expected_files(root)
             ledger = runner.service.ledger
             assert ledger is not None
+
+            def uploaded() -> int:
+                return sum(c.get("uploaded", 0) for c in ledger.counts().values())
+
             wait_until(
-                lambda: sum(c.get("uploaded", 0) for c in ledger.counts().values()) == 300,
+                lambda: uploaded() == 300,
                 timeout=60,
                 message="all 300 files uploaded according to the ledger",
             )
-        injected = emulator.state()["faults"]
+            injected = Counter(emulator.state()["faults"])
+            missing = [kind for kind in FAULT_KINDS if not injected[kind]]
+            if missing:
+                # The draws follow the order in which requests arrive, which the threads
+                # decide: a kind the rates did not draw is aimed at the uploads of 30 more
+                # files, until each kind was injected at least once.
+                aimed = {f"{kind}_rate": 0.3 for kind in missing}
+                emulator.set_faults(
+                    dataclasses.replace(
+                        ALL_FAULTS,
+                        **{f"{k}_rate": 0.0 for k in FAULT_KINDS if k not in missing},
+                        **aimed,
+                        seed=5,
+                        routes=(UPLOAD_ROUTE,),
+                    )
+                )
+                for i in range(300, 330):  # the upload threshold of each category once more
+                    write_image(root / CATEGORIES[i % 3] / f"img{i:04d}.png", i)
+                wait_until(
+                    lambda: all(emulator.state()["faults"][kind] for kind in missing),
+                    timeout=60,
+                    message=f"the kinds not drawn at first: {missing}",
+                )
+                injected += Counter(emulator.state()["faults"])
+                emulator.set_faults(FaultOptions())
+                wait_until(lambda: uploaded() == 330, timeout=60, message="the 30 more uploaded")
+            expected = expected_files(root)
         assert_exactly_once(emulator, expected)
     # The run really went through every kind of fault, the dangerous ones included.
-    for kind in ("error", "drop", "store_then_drop", "rate_limit", "fail_in_200", "latency"):
+    for kind in FAULT_KINDS:
         assert injected[kind] > 0, f"no {kind} fault was injected: {injected}"
 
 
