@@ -12,16 +12,14 @@ import logging
 import os
 import queue
 import socket
-import stat
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from paiv_sync import ledger as states
-from paiv_sync import reconcile
 from paiv_sync.api import (
     MviClient,
     MviError,
@@ -30,21 +28,17 @@ from paiv_sync.batcher import Debouncer, batches
 from paiv_sync.config import Config
 from paiv_sync.connection import Connection
 from paiv_sync.heartbeats import Heartbeats
-from paiv_sync.images import Inspection, content_type, inspect_image
-from paiv_sync.layout import SKIP_EXTENSION, SKIP_IN_ROOT, Layout, Location, Skip, shown
+from paiv_sync.intake import Intake
+from paiv_sync.layout import Layout
 from paiv_sync.ledger import (
     Ledger,
     LedgerError,
     LedgerMismatch,
     LedgerWriteError,
-    NewFile,
-    Outcome,
 )
 from paiv_sync.progress import ProgressCounter, ProgressHook
 from paiv_sync.retry import RetryPolicy
-from paiv_sync.scanner import SKIP_NOT_REGULAR, scan, scan_stats
-from paiv_sync.stability import Settled, StabilityGate
-from paiv_sync.stamps import Stamp, unchanged
+from paiv_sync.stability import StabilityGate
 from paiv_sync.trainer import Trainer
 from paiv_sync.uploader import DatasetGone, Uploader, UploadsPaused, UploadTags
 from paiv_sync.watcher import Watcher
@@ -55,20 +49,6 @@ Notify = Callable[[str], None]
 
 # Put on the inbox to end the pipeline loop's wait at once (stop, reload).
 _WAKE_UP = ("", False)
-
-_SKIP_SPECIAL_IMAGE = Skip(
-    "not a regular file (a named pipe, socket or device); only regular files are uploaded",
-    warn=True,
-)
-
-
-@dataclass(frozen=True)
-class _Checked:
-    """A settled file read and hashed, waiting to be recorded."""
-
-    where: Location
-    settled: Settled
-    seen: Inspection
 
 
 def make_client(
@@ -98,8 +78,6 @@ LEDGER_GIVE_UP = 600.0
 _LEDGER_RETRY = RetryPolicy(initial=1.0, maximum=30.0, jitter=0.0)
 # Tries of each request (connecting included) under --once, which must end.
 ONCE_TRIES = 5
-# Rows given their ctime and inode per write while a scan goes through an older ledger.
-_FILL_BATCH = 5000
 # Path hints taken from the inbox per turn of the pipeline loop.
 _HINTS_PER_TURN = 256
 # Seconds between two looks for rows in doubt that no upload is settling.
@@ -179,6 +157,7 @@ class Service:
         self.trainer: Trainer | None = None
         self.watcher: Watcher | None = None
         self.connection: Connection | None = None
+        self.intake: Intake | None = None
         self.ready = threading.Event()
         self._pool: ThreadPoolExecutor | None = None
         self._inflight: dict[str, list[Future[None]]] = {}
@@ -196,7 +175,6 @@ class Service:
         self._trainer_wake = threading.Event()
         self._trainer_thread: threading.Thread | None = None
         self._watchdog_thread: threading.Thread | None = None
-        self._warned: set[str] = set()
         # Health, for the systemd watchdog: when the pipeline loop last turned, and when each
         # upload worker last showed progress (a request ended or a back-off wait began).
         self.beats = Heartbeats(
@@ -363,6 +341,7 @@ class Service:
             strategy=cfg.strategy,
             stop_event=self.stop_event,
         )
+        self.intake = self._new_intake()
         self.connection = Connection(
             cfg,
             self.client,
@@ -381,6 +360,29 @@ class Service:
         self._pool = ThreadPoolExecutor(
             max_workers=cfg.upload_workers, thread_name_prefix="paiv-upload"
         )
+
+    def _new_intake(self) -> Intake:
+        """Intake for the configuration, layout and gate in force (built anew at a reload)."""
+        assert self.ledger is not None
+        return Intake(
+            self.config,
+            self.layout,
+            self.gate,
+            self.ledger,
+            counts=self.summary,
+            debouncer=self.debouncer,
+            beats=self.beats,
+            progress=self._progress,
+            stop_event=self.stop_event,
+            clock=self._clock,
+            once=self.once,
+            pending_counts=self._pending_counts,
+            changed=self._pending_changed,
+            between_slices=self._between_slices,
+        )
+
+    def _pending_changed(self) -> None:
+        self._pending_dirty = True
 
     def _start_watcher(self) -> None:
         self.watcher = Watcher(
@@ -578,49 +580,8 @@ class Service:
     def _take_hint(self, path: str, is_dir: bool) -> None:
         if not path:
             return  # _WAKE_UP: only there to end the wait
-        if is_dir:
-            self._scan_subtree(Path(path))
-            return
-        where = self.layout.locate(path)
-        if isinstance(where, Skip):
-            if where in (SKIP_EXTENSION, SKIP_IN_ROOT) and os.path.islink(path):
-                # A link named like no image: perhaps a folder linked in (watchdog reports a
-                # new link as a file). The scan's rules decide: skipped with a warning, or,
-                # with follow_symlinks, walked now rather than at the next rescan.
-                self._scan_subtree(Path(path))
-                return
-            self._skip(path, where)
-            return
-        # The scan's rules for this one path, so an event cannot let in what a scan keeps out:
-        # a link is not followed (or, with follow_symlinks, only to a target inside its root),
-        # and only a regular file is taken — opening a named pipe would block this thread.
-        # A regular file (nearly every event) takes the short way, as the scan would take it.
-        try:
-            info = os.lstat(path)
-        except FileNotFoundError:
-            return  # gone already: nothing to take
-        except OSError:
-            info = None  # the scan reports why it cannot look
-        if info is not None and stat.S_ISREG(info.st_mode):
-            self.gate.offer(
-                os.path.join(where.root, where.rel_path), info.st_size, info.st_mtime_ns
-            )
-            return
-        for found in scan(
-            self.layout,
-            Path(path),
-            follow_symlinks=self.config.follow_symlinks,
-            on_skip=self._on_scan_skip,
-        ):
-            loc = found.location
-            self.gate.offer(os.path.join(loc.root, loc.rel_path), found.size, found.mtime_ns)
-
-    def _skip(self, path: str, skip: Skip) -> None:
-        if skip.warn and path not in self._warned:
-            if len(self._warned) > 100_000:
-                self._warned.clear()
-            self._warned.add(path)
-            log.warning("%s skipped: %s", shown(path), skip.reason)
+        assert self.intake is not None
+        self.intake.take_hint(path, is_dir)
 
     def _supervise(self) -> None:
         watcher = self.watcher
@@ -644,7 +605,8 @@ class Service:
                     "root folder %s is missing (unmounted?); will look again at the next scan", root
                 )
                 continue
-            offered += self._reconcile_root(root)
+            assert self.intake is not None
+            offered += self.intake.scan_root(root)
         if offered:
             log.info("scan found %d new or changed files", offered)
         watcher = self.watcher
@@ -658,264 +620,22 @@ class Service:
         The ledger records them in doubt; resolving that at connect marks those the dataset
         already holds as uploaded instead of sending them again.
         """
-        assert self.ledger is not None
+        assert self.ledger is not None and self.intake is not None
         log.warning("ledger rebuilt: recording every file on disk before uploading anything")
-        while len(self.gate) and not self.stop_event.is_set():
-            due = self.gate.next_due()
-            if due is not None:
-                self.stop_event.wait(max(0.0, min(1.0, due - self._clock())))
-            self._admit_settled()
+        self.intake.admit_all()
         if not self.stop_event.is_set():
             self.ledger.end_recovery()
 
-    def _reconcile_root(self, root: Path) -> int:
-        """Merge the scan of ``root`` with its ledger rows; return how many files were offered.
-
-        See paiv_sync.reconcile: a file the ledger lacks or whose stamp differs enters the
-        gate, a row of an older ledger gets its ctime and inode, and a pending row whose file
-        is gone is forgotten (unless the root itself vanished during the scan).
-        """
-        assert self.ledger is not None
-        ledger = self.ledger
-        root_text = str(root)
-
-        def walk() -> Iterator[reconcile.Found]:
-            found = scan_stats(
-                self.layout,
-                root,
-                follow_symlinks=self.config.follow_symlinks,
-                on_skip=self._on_scan_skip,
-            )
-            for count, item in enumerate(found, start=1):
-                if count % 4096 == 0:
-                    self.beats.loop()  # a long scan is progress too
-                yield item
-
-        def lookup(rel: str) -> reconcile.Recorded | None:
-            row = ledger.lookup(root_text, rel)
-            return None if row is None else row.stamp
-
-        offered = 0
-        fills: list[tuple[str, int, int]] = []
-        gone: list[str] = []
-        for change in reconcile.merge(walk(), ledger.iter_stats(root_text), lookup):
-            if change.kind == reconcile.OFFER:
-                assert change.found is not None
-                _, size, mtime_ns, _, _ = change.found
-                self.gate.offer(os.path.join(root_text, change.rel_path), size, mtime_ns)
-                offered += 1
-            elif change.kind == reconcile.FILL:
-                assert change.found is not None
-                fills.append((change.rel_path, change.found[3], change.found[4]))
-                if len(fills) >= _FILL_BATCH:
-                    ledger.fill_stamps(root_text, fills)
-                    fills = []
-            else:
-                gone.append(change.rel_path)
-        ledger.fill_stamps(root_text, fills)
-        if root.is_dir():  # vanished during the scan: do not take its files for deleted
-            for rel in gone:
-                self._forget(root_text, rel)
-        return offered
-
-    def _on_scan_skip(self, path: Path, skip: Skip) -> None:
-        if skip is SKIP_NOT_REGULAR and self.layout.classify_name(path.name) is None:
-            # Named like an image but a pipe, socket or device: the user meant a file there.
-            skip = _SKIP_SPECIAL_IMAGE
-        self._skip(str(path), skip)
-
-    def _scan_subtree(self, path: Path) -> None:
-        assert self.ledger is not None
-        for found in scan(
-            self.layout,
-            path,
-            follow_symlinks=self.config.follow_symlinks,
-            on_skip=self._on_scan_skip,
-        ):
-            loc = found.location
-            row = self.ledger.lookup(str(loc.root), loc.rel_path)
-            if row is not None and unchanged(
-                row.stamp, found.size, found.mtime_ns, found.ctime_ns, found.inode
-            ):
-                continue
-            self.gate.offer(os.path.join(loc.root, loc.rel_path), found.size, found.mtime_ns)
-
-    def _forget(self, root: str, rel: str) -> None:
-        assert self.ledger is not None
-        row = self.ledger.lookup(root, rel)
-        if row is not None and row.state == states.PENDING and self.ledger.forget(row.id):
-            self._pending_dirty = True
-            self._nothing_to_send(row.size)  # it was counted as a pending row
-            log.warning("%s was deleted before upload; forgotten", rel)
-
-    # -- admitting settled files ---------------------------------------------------------
+    # -- admitting settled files (see paiv_sync.intake) ----------------------------------
 
     def _admit_settled(self) -> None:
-        # In a burst (or --once) thousands of files settle at once: hand full batches to the
-        # upload workers while the rest are still being hashed, so the two overlap.
-        assert self.ledger is not None
-        slice_size = self.config.batch_size * self.config.upload_workers
-        due = self.gate.due(on_gone=self._gone)
-        for start in range(0, len(due), slice_size):
-            # Read and hash the slice first, then write it: the ledger is held only for the
-            # writes, so the upload workers' commits do not wait for the file reads.
-            checked: list[_Checked] = []
-            located: list[tuple[Settled, Location]] = []
-            for settled in due[start : start + slice_size]:
-                where = self.layout.locate(settled.path)
-                if isinstance(where, Location):
-                    located.append((settled, where))
-                else:
-                    self._nothing_to_send(settled.size)
-            known = self.ledger.known_stats((str(w.root), w.rel_path) for _, w in located)
-            for settled, where in located:
-                if self.stop_event.is_set():
-                    return
-                if self._recorded_as_is(settled, known.get((str(where.root), where.rel_path))):
-                    # An event for a file the scan had seen, or a touch: nothing new.
-                    self._nothing_to_send(settled.size)
-                    continue
-                found = self._inspect(settled, where)
-                if found is not None:
-                    checked.append(found)
-            self._admit(checked)
-            self._collect_uploads()
-            self._dispatch(force=self.once)
+        assert self.intake is not None
+        self.intake.admit_settled()
 
-    @staticmethod
-    def _recorded_as_is(
-        settled: Settled, recorded: tuple[int, int, int | None, int | None] | None
-    ) -> bool:
-        """Whether the ledger's row (its stamp) shows ``settled`` as it is: no need to read it.
-
-        Size and mtime are what the gate saw; ctime and inode, when the row has them, take one
-        more stat here, so a replacement that kept size and mtime (``cp -p``) is read.
-        """
-        if recorded is None or recorded[:2] != (settled.size, settled.mtime_ns):
-            return False
-        if recorded[2] is None:
-            return True  # a row from before ctime and inode were kept: size and mtime decide
-        try:
-            st = os.stat(settled.path)
-        except OSError:
-            return False  # _inspect says what is wrong
-        return unchanged(recorded, *Stamp.of(st))
-
-    def _gone(self, gone: Settled) -> None:
-        self._nothing_to_send(gone.size)
-        where = self.layout.locate(gone.path)
-        if isinstance(where, Location):
-            self._forget(str(where.root), where.rel_path)
-
-    def _inspect(self, settled: Settled, where: Location) -> _Checked | None:
-        """Check and hash one settled file; None when there is nothing to record."""
-        root, rel = str(where.root), where.rel_path
-        try:
-            # One open for the image checks, the kind and the hash: every open costs a syscall
-            # pair and, in watch mode, inotify events the observer thread has to wade through.
-            seen = inspect_image(settled.path, self.config.max_file_size)
-            st = os.stat(settled.path)  # by path: a file replaced meanwhile shows here
-        except FileNotFoundError:
-            self._nothing_to_send(settled.size)
-            self._forget(root, rel)
-            return None
-        except OSError as exc:
-            self._nothing_to_send(settled.size)
-            log.warning(
-                "%s cannot be read (%s); will try again at the next scan", rel, exc.strerror or exc
-            )
-            return None
-        if (st.st_size, st.st_mtime_ns) != (settled.size, settled.mtime_ns) or (
-            seen.stamp is not None and Stamp.of(st) != seen.stamp
-        ):
-            # Still being written, or replaced while it was read: back to the gate, still to
-            # be sent (the size counted for progress is the one seen first; a file growing
-            # meanwhile makes the bytes a guess).
-            self.gate.offer(settled.path, st.st_size, st.st_mtime_ns)
-            return None
-        return _Checked(where, settled, seen)
-
-    def _admit(self, checked: Sequence[_Checked]) -> None:
-        """Record a slice of checked files, in one transaction: rejected, duplicate or pending."""
-        assert self.ledger is not None
-        images: list[_Checked] = []
-        with self.ledger.batch():
-            for found in checked:
-                if found.seen.problem is None:
-                    images.append(found)
-                    continue
-                where, settled = found.where, found.settled
-                self.ledger.reject(
-                    root=str(where.root),
-                    rel_path=where.rel_path,
-                    category=where.category,
-                    size=settled.size,
-                    mtime_ns=settled.mtime_ns,
-                    reason=found.seen.problem,
-                    ctime_ns=found.seen.stamp.ctime_ns if found.seen.stamp else None,
-                    inode=found.seen.stamp.inode if found.seen.stamp else None,
-                )
-                self.summary.rejected += 1
-                self._nothing_to_send(settled.size)
-                log.warning("%s not uploaded: %s", where.rel_path, found.seen.problem)
-            counts = self._pending_counts()  # before the new rows, so the +1 below is right
-            outcomes = self.ledger.record_many(
-                [
-                    NewFile(
-                        str(found.where.root),
-                        found.where.rel_path,
-                        found.where.category,
-                        found.settled.size,
-                        found.settled.mtime_ns,
-                        found.seen.sha256 or "",
-                        content_type(found.seen.kind or "jpeg"),
-                        found.seen.stamp.ctime_ns if found.seen.stamp else None,
-                        found.seen.stamp.inode if found.seen.stamp else None,
-                    )
-                    for found in images
-                ],
-                skip_duplicates=self.config.skip_duplicates,
-            )
-        for found, outcome in zip(images, outcomes, strict=True):
-            if outcome.new:
-                self._added(found, outcome, counts)
-            else:
-                self._nothing_to_send(found.settled.size)
-
-    def _added(self, found: _Checked, outcome: Outcome, counts: dict[str, int]) -> None:
-        """Count and log one file the ledger took as new."""
-        rel, category = found.where.rel_path, found.where.category
-        previous = outcome.previous
-        if previous is not None and previous.state == states.PENDING:
-            # Counted for progress twice, as a pending row and as a file to look at: once now.
-            self._nothing_to_send(previous.size)
-        if outcome.row.state == states.DUPLICATE:
-            self.summary.duplicates += 1
-            self._nothing_to_send(found.settled.size)
-            log.info("%s not uploaded: %s (skip_duplicates)", rel, outcome.row.reason)
-            return
-        self.summary.added += 1
-        self.debouncer.arrived(category)
-        counts[category] = counts.get(category, 0) + 1
-        count = counts[category]
-        needed = self.debouncer.needed(count)
-        if self.once:
-            log.info("%s added — %d pending", rel, count)
-        elif needed:
-            log.info(
-                "%s added — %d pending, %d more needed to reach the upload threshold (%d)",
-                rel,
-                count,
-                needed,
-                self.config.upload_threshold,
-            )
-        else:
-            log.info(
-                "%s added — %d pending, uploading after %g s without new files",
-                rel,
-                count,
-                self.config.quiet_time,
-            )
+    def _between_slices(self) -> None:
+        """Between two slices of files taken in: hand what is ready to the upload workers."""
+        self._collect_uploads()
+        self._dispatch(force=self.once)
 
     # -- connecting (see paiv_sync.connection) -------------------------------------------
 
@@ -1034,6 +754,7 @@ class Service:
         )
         self.gate = StabilityGate(new.settle_time, self._clock, wall=time.time)
         if self.ledger is not None:
+            self.intake = self._new_intake()
             self.ledger.only_roots(_root_keys(new))
             self._report_kept()
         if self.watcher is not None and (
@@ -1219,10 +940,6 @@ class Service:
             self.last_upload_time = time.time()
             self._trainer_wake.set()
 
-    def _nothing_to_send(self, size: int) -> None:
-        """A file counted for ``--once`` progress turned out to need no upload."""
-        self._progress_add(total=(-1, -size))
-
     def _progress_add(
         self,
         *,
@@ -1285,16 +1002,8 @@ class Service:
             self.stop_event.wait(max(0.0, connection.next_try - self._clock()))
         return False
 
-    def _admit_all(self) -> None:
-        """Under ``--once``: wait for every file the gate watches to settle, and take it in."""
-        while len(self.gate) and not self.stop_event.is_set():
-            due = self.gate.next_due()
-            if due is not None:
-                self.stop_event.wait(max(0.0, min(1.0, due - self._clock())))
-            self._admit_settled()
-
     def _run_once(self) -> int:
-        assert self.ledger is not None and self.trainer is not None
+        assert self.ledger is not None and self.trainer is not None and self.intake is not None
         if not self._connect_once_mode():
             return 1
         if self._progress is not None:
@@ -1304,7 +1013,7 @@ class Service:
             files, size = self.ledger.pending_totals()
             candidates, candidate_bytes = self.gate.totals()
             self._progress.start(total=(files + candidates, size + candidate_bytes))
-        self._admit_all()
+        self.intake.admit_all()
         # Batches dispatched while admitting first: a category still in flight would be
         # skipped by the final dispatch.
         self._wait_uploads()
@@ -1320,7 +1029,7 @@ class Service:
                 break
             while not self.inbox.empty():
                 self._pump(0.0)
-            self._admit_all()
+            self.intake.admit_all()
             self._resolve_orphans(now=True)
             while self._orphans is not None and not self.stop_event.is_set():
                 self.stop_event.wait(0.02)
