@@ -1,9 +1,14 @@
-"""The service: wires watcher, scanner, stability gate, ledger, uploader and trainer together.
+"""The service: builds the parts of the pipeline, runs their threads and the loop, stops them.
 
-Threads: the watchdog observer only puts paths on ``inbox``; one pipeline thread (the caller of
-``run``) does every stat, hash and ledger write for incoming files and decides when a category
-flushes; a small pool of upload workers sends batches; one trainer thread starts and follows
-training tasks. One ``threading.Event`` stops them all.
+The parts: the watcher, intake (paiv_sync.intake: hints and scans to ledger rows), the
+dispatcher (paiv_sync.dispatcher: pending files to the upload workers), the connection
+(paiv_sync.connection: log in, the dataset), the uploader and the trainer. Threads: the
+watchdog observer only puts paths on ``inbox``; one pipeline thread (the caller of ``run``)
+does every stat, hash and ledger write for incoming files and decides when a category
+flushes; a small pool of upload workers sends batches; a connector thread connects; one
+trainer thread starts and follows training tasks. One ``threading.Event`` stops them all.
+This module also holds what spans the parts: a ledger that cannot be written, reload, and
+``--once``.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,9 +29,10 @@ from paiv_sync.api import (
     MviClient,
     MviError,
 )
-from paiv_sync.batcher import Debouncer, batches
+from paiv_sync.batcher import Debouncer
 from paiv_sync.config import Config
 from paiv_sync.connection import Connection
+from paiv_sync.dispatcher import Dispatcher
 from paiv_sync.heartbeats import Heartbeats
 from paiv_sync.intake import Intake
 from paiv_sync.layout import Layout
@@ -40,7 +46,7 @@ from paiv_sync.progress import ProgressCounter, ProgressHook
 from paiv_sync.retry import RetryPolicy
 from paiv_sync.stability import StabilityGate
 from paiv_sync.trainer import Trainer
-from paiv_sync.uploader import DatasetGone, Uploader, UploadsPaused, UploadTags
+from paiv_sync.uploader import Uploader, UploadTags
 from paiv_sync.watcher import Watcher
 
 log = logging.getLogger(__name__)
@@ -80,8 +86,6 @@ _LEDGER_RETRY = RetryPolicy(initial=1.0, maximum=30.0, jitter=0.0)
 ONCE_TRIES = 5
 # Path hints taken from the inbox per turn of the pipeline loop.
 _HINTS_PER_TURN = 256
-# Seconds between two looks for rows in doubt that no upload is settling.
-_ORPHAN_CHECK_INTERVAL = 5.0
 
 
 def _no_notify(_message: str) -> None:
@@ -160,17 +164,8 @@ class Service:
         self.intake: Intake | None = None
         self.ready = threading.Event()
         self._pool: ThreadPoolExecutor | None = None
-        self._inflight: dict[str, list[Future[None]]] = {}
-        self._pending: dict[str, int] = {}
-        self._returned: set[str] = set()  # categories with files back from an upload
-        self._pending_dirty = True
-        # Categories whose pending files were checked against the server's list this run.
-        self._dup_checked: set[str] = set()
+        self.dispatcher: Dispatcher | None = None
         self._next_rescan = 0.0
-        # Rows left ``uploading`` by a batch that ended without settling them (the dataset
-        # vanished, the credentials were refused mid-reconcile): resolved while running.
-        self._orphans: Future[int] | None = None
-        self._next_orphan_check = 0.0
         self._lost = threading.Event()  # set by an upload worker: reconnect / re-resolve
         self._trainer_wake = threading.Event()
         self._trainer_thread: threading.Thread | None = None
@@ -191,7 +186,6 @@ class Service:
         self._ledger_lock = threading.Lock()
         self._reload_requested = threading.Event()
         self.upload_retries = 0  # back-off waits of the upload workers, for /metrics
-        self.last_upload_time: float | None = None  # wall clock of the last confirmed upload
         self._next_status = 0.0
         self._status_text = ""
         self._progress = ProgressCounter(progress, clock) if once and progress else None
@@ -208,6 +202,11 @@ class Service:
     def connected(self) -> bool:
         """Whether the server is reachable and the dataset resolved."""
         return self.connection is not None and self.connection.connected
+
+    @property
+    def last_upload_time(self) -> float | None:
+        """The wall clock time of the last upload the server confirmed (this process)."""
+        return self.dispatcher.last_upload_time if self.dispatcher is not None else None
 
     @property
     def dataset_id(self) -> str | None:
@@ -360,6 +359,23 @@ class Service:
         self._pool = ThreadPoolExecutor(
             max_workers=cfg.upload_workers, thread_name_prefix="paiv-upload"
         )
+        self.dispatcher = Dispatcher(
+            cfg,
+            self.ledger,
+            self.uploader,
+            self.debouncer,
+            self._pool,
+            tally=self.summary,
+            progress=self._progress,
+            beats=self.beats,
+            stop_event=self.stop_event,
+            lost=self._lost,
+            clock=self._clock,
+            connected=lambda: self.connected,
+            may_write=lambda: self._ledger_down_since is None,
+            on_ledger_failure=self._ledger_failed,
+            on_uploaded=self._trainer_wake.set,
+        )
 
     def _new_intake(self) -> Intake:
         """Intake for the configuration, layout and gate in force (built anew at a reload)."""
@@ -382,7 +398,8 @@ class Service:
         )
 
     def _pending_changed(self) -> None:
-        self._pending_dirty = True
+        if self.dispatcher is not None:
+            self.dispatcher.changed()
 
     def _start_watcher(self) -> None:
         self.watcher = Watcher(
@@ -530,8 +547,9 @@ class Service:
         with self._ledger_lock:
             self._ledger_down_since = None
             self._ledger_failures = 0
-        self._pending_dirty = True
-        self._next_orphan_check = 0.0
+        if self.dispatcher is not None:
+            self.dispatcher.changed()
+            self.dispatcher.look_for_orphans_now()
         try:
             self._scan_all()
         except LedgerWriteError as exc:
@@ -557,7 +575,7 @@ class Service:
         deadline = self.debouncer.next_deadline(self._pending_counts())
         if deadline is not None:
             wait = min(wait, max(0.0, deadline - now))
-        if self._inflight:
+        if self.dispatcher is not None and self.dispatcher.inflight:
             wait = min(wait, 0.05)
         return max(wait, 0.005)
 
@@ -645,9 +663,10 @@ class Service:
 
     def _connected_now(self, new_dataset: bool) -> None:
         """After each connect: compare with the dataset again if it is another, and go on."""
+        assert self.dispatcher is not None
         if new_dataset:
-            self._dup_checked.clear()
-        self._pending_dirty = True
+            self.dispatcher.new_dataset()
+        self.dispatcher.changed()
         self._trainer_wake.set()
 
     def _report_kept(self) -> None:
@@ -763,7 +782,7 @@ class Service:
         ):
             self.watcher.stop()
             self._start_watcher()
-        self._pending_dirty = True
+        self._pending_changed()
         log.info("reload: configuration %s applied", source)
         self._scan_all()
         self._notify("READY=1")
@@ -771,127 +790,16 @@ class Service:
     # -- uploading -----------------------------------------------------------------------
 
     def _pending_counts(self) -> dict[str, int]:
-        """``category -> pending files``, re-read only after something may have changed it.
-
-        The categories holding files that came back from an interrupted upload are refreshed
-        with it: rows return to pending only in the cases that mark the counts dirty.
-        """
-        if self._pending_dirty:
-            assert self.ledger is not None
-            self._pending = self.ledger.pending_counts()
-            self._returned = {c for c, n in self.ledger.returned_counts().items() if n}
-            self._pending_dirty = False
-        return self._pending
+        assert self.dispatcher is not None
+        return self.dispatcher.pending_counts()
 
     def _dispatch(self, *, force: bool) -> None:
-        if not self.connected or self.stop_event.is_set() or self._ledger_down_since is not None:
-            return
-        assert self.ledger is not None and self._pool is not None
-        counts = {c: n for c, n in self._pending_counts().items() if c not in self._inflight}
-        ready = self.debouncer.ready(counts, force=force)
-        # Files handed to the uploader before that came back (in doubt after a crash and not on
-        # the server, not sent at shutdown) passed the threshold then: they do not wait again.
-        ready += [c for c in counts if c not in ready and c in self._returned]
-        for category in ready:
-            if self.config.skip_duplicates and category not in self._dup_checked:
-                # The first flush of a category in a run compares its files with the dataset's
-                # list first. In a worker: the server may be slow or down, and this thread must
-                # go on taking in files meanwhile.
-                self._inflight[category] = [self._pool.submit(self._first_flush, category)]
-            else:
-                rows = self.ledger.pending(category)
-                if not rows:
-                    continue
-                self._log_flush(category, len(rows))
-                self._inflight[category] = [
-                    self._pool.submit(self._upload_job, category, [r.id for r in chunk])
-                    for chunk in batches(rows, self.config.batch_size)
-                ]
-            self.debouncer.flushed(category)
-            self._pending_dirty = True
+        assert self.dispatcher is not None
+        self.dispatcher.dispatch(force=force)
 
     def _resolve_orphans(self, *, now: bool = False) -> None:
-        """Every few seconds while connected: settle rows no batch is sending any more.
-
-        The rows of a batch in flight are not touched (the uploader knows which those are);
-        the others are looked up on the server in an upload worker, so the loop goes on.
-        """
-        if self._orphans is not None:
-            if not self._orphans.done():
-                return
-            try:
-                if self._orphans.result():
-                    self._pending_dirty = True
-            except MviError as exc:
-                log.warning("files in doubt could not be checked against the server (%s)", exc)
-            except UploadsPaused as exc:
-                log.error("files in doubt wait: %s", exc)
-                self._lost.set()
-            except Exception:
-                log.exception("checking files in doubt against the server crashed; will retry")
-            self._orphans = None
-        if not self.connected or self.stop_event.is_set() or self._pool is None:
-            return
-        if not now and self._clock() < self._next_orphan_check:
-            return
-        self._next_orphan_check = self._clock() + _ORPHAN_CHECK_INTERVAL
-        assert self.uploader is not None
-        self._orphans = self._pool.submit(self.uploader.resolve_in_doubt)
-
-    def _log_flush(self, category: str, count: int) -> None:
-        log.info("category %r: uploading %d files to dataset %s", category, count, self.dataset_id)
-
-    def _first_flush(self, category: str) -> None:
-        """An upload job: skip what the server already holds, then send the rest in batches."""
-        assert self.ledger is not None
-        if self.stop_event.is_set() or self._lost.is_set():
-            return
-        with self.beats.job():
-            try:
-                if not self._check_server_duplicates(category):
-                    return
-            except LedgerWriteError as exc:
-                self._ledger_failed(exc)
-                return
-            rows = self.ledger.pending(category)
-            if rows:
-                self._log_flush(category, len(rows))
-            for chunk in batches(rows, self.config.batch_size):
-                self._upload_job(category, [r.id for r in chunk])
-
-    def _check_server_duplicates(self, category: str) -> bool:
-        """Once a run per category, before its first upload: skip what the server holds.
-
-        Runs in an upload worker. Returns False when the server could not be asked (the files
-        stay pending; the flush is tried again once the service has reconnected).
-        """
-        if not self.config.skip_duplicates or category in self._dup_checked:
-            return True
-        assert self.uploader is not None and self.ledger is not None
-        sizes = (
-            {r.id: r.size for r in self.ledger.pending(category)}
-            if self._progress is not None
-            else {}
-        )
-        try:
-            marked = self.uploader.mark_server_duplicates(category)
-        except MviError as exc:
-            log.warning(
-                "category %r: cannot compare with the dataset's files (%s); will retry",
-                category,
-                exc,
-            )
-            self._lost.set()
-            return False
-        self._dup_checked.add(category)
-        self.summary.duplicates += marked
-        if marked and sizes:
-            for row in self.ledger.pending(category):
-                sizes.pop(row.id, None)
-            self._progress_add(done=(len(sizes), sum(sizes.values())))
-        if marked:
-            self._pending_dirty = True
-        return True
+        assert self.dispatcher is not None
+        self.dispatcher.resolve_orphans(now=now)
 
     def _upload_sleep(self, seconds: float) -> None:
         """The uploader's back-off wait: a sign of life, and it ends at once on shutdown."""
@@ -900,63 +808,9 @@ class Service:
         self.stop_event.wait(seconds)
         self.beats.alive()
 
-    def _upload_job(self, category: str, file_ids: list[int]) -> None:
-        assert self.uploader is not None
-        if self.stop_event.is_set() or self._lost.is_set():
-            return
-        with self.beats.job():
-            self._upload_job_inner(category, file_ids)
-
-    def _upload_job_inner(self, category: str, file_ids: list[int]) -> None:
-        assert self.uploader is not None
-        try:
-            report = self.uploader.upload_batch(category, file_ids)
-        except DatasetGone as exc:
-            log.error("the dataset is gone from the server (%s); looking it up again", exc)
-            self._lost.set()
-            return
-        except UploadsPaused as exc:
-            log.error("uploads paused: %s", exc)
-            self._lost.set()
-            return
-        except LedgerWriteError as exc:
-            self._ledger_failed(exc)
-            return
-        except Exception:
-            log.exception(
-                "upload of %d files of category %r crashed; they stay in the ledger",
-                len(file_ids),
-                category,
-            )
-            self._lost.set()
-            return
-        self.summary.uploaded += report.uploaded
-        self.summary.rejected += report.rejected
-        self._progress_add(
-            done=(report.uploaded + report.rejected, report.settled_bytes),
-            total=(-report.forgotten, -report.forgotten_bytes),
-        )
-        if report.uploaded:
-            self.last_upload_time = time.time()
-            self._trainer_wake.set()
-
-    def _progress_add(
-        self,
-        *,
-        done: tuple[int, int] = (0, 0),
-        total: tuple[int, int] = (0, 0),
-        report: bool = False,
-    ) -> None:
-        """Count files (and bytes) done or newly to do, for ``--once`` progress."""
-        if self._progress is not None:
-            self._progress.add(done=done, total=total, report=report)
-
     def _collect_uploads(self) -> None:
-        done = [c for c, futures in self._inflight.items() if all(f.done() for f in futures)]
-        for category in done:
-            del self._inflight[category]
-            self._pending_dirty = True
-        if done and not self._inflight and not self.once and self.ledger is not None:
+        assert self.dispatcher is not None
+        if self.dispatcher.collect() and not self.once:
             # Uploads went quiet: make the last batches' "uploaded" durable now rather than
             # with the next batch (see Uploader._settle_results). --once syncs at the end.
             self._sync_ledger()
@@ -972,7 +826,8 @@ class Service:
         self.ledger.checkpoint()
 
     def _wait_uploads(self) -> None:
-        while self._inflight and not self.stop_event.is_set():
+        assert self.dispatcher is not None
+        while self.dispatcher.inflight and not self.stop_event.is_set():
             time.sleep(0.02)
             self._collect_uploads()
 
@@ -1003,7 +858,8 @@ class Service:
         return False
 
     def _run_once(self) -> int:
-        assert self.ledger is not None and self.trainer is not None and self.intake is not None
+        assert self.ledger is not None and self.trainer is not None
+        assert self.intake is not None and self.dispatcher is not None
         if not self._connect_once_mode():
             return 1
         if self._progress is not None:
@@ -1031,14 +887,15 @@ class Service:
                 self._pump(0.0)
             self.intake.admit_all()
             self._resolve_orphans(now=True)
-            while self._orphans is not None and not self.stop_event.is_set():
+            while self.dispatcher.resolving and not self.stop_event.is_set():
                 self.stop_event.wait(0.02)
                 self._resolve_orphans()
             self._dispatch(force=True)
             self._wait_uploads()
         if self._fatal:
             return 1
-        self._progress_add(report=True)  # the final counts, after the last files dropped out
+        if self._progress is not None:
+            self._progress.add(report=True)  # the final counts, after the last files dropped
         if self._lost.is_set():
             log.error("uploads stopped before everything was sent; see the errors above")
         before = self.ledger.last_training()
