@@ -46,15 +46,19 @@ class SkipClock:
 
 
 @contextmanager
-def service_running(config: Config, clock: SkipClock | None = None) -> Iterator[Service]:
-    """Run a Service in a thread; yield it once it is ready and connected; stop it after."""
+def service_running(
+    config: Config, clock: SkipClock | None = None, *, connected: bool = True
+) -> Iterator[Service]:
+    """Run a Service in a thread; yield it once it is ready (and, by default, connected);
+    stop it after."""
     service = Service(config, retry=FAST_RETRY, clock=clock or time.monotonic)
     codes: list[int] = []
     thread = threading.Thread(target=lambda: codes.append(service.run()), name="test-service")
     thread.start()
     try:
         assert service.ready.wait(15), "service did not become ready"
-        wait_until(lambda: service.connected, timeout=15, message="service connected")
+        if connected:
+            wait_until(lambda: service.connected, timeout=15, message="service connected")
         yield service
     finally:
         service.stop()

@@ -580,7 +580,7 @@ def test_files_are_recorded_while_the_server_cannot_be_connected(
     assert Service(config, once=True, retry=FAST_RETRY).run() == 0  # the dataset is remembered
     # Each look at the remembered dataset fails: connecting retries for as long as it lasts.
     emulator.set_faults(FaultOptions(error_rate=1.0, routes=("GET /datasets/{id}",)))
-    with service_running_unconnected(config) as service:
+    with service_running(config, connected=False) as service:
         wait_until(lambda: emulator.state()["faults"]["error"] >= 3, message="connecting fails")
         bodies = [write_image(root / "city" / f"{i}.png", 10 + i) for i in range(5)]
         wait_until(
@@ -594,20 +594,3 @@ def test_files_are_recorded_while_the_server_cannot_be_connected(
         ("forest", sha(first)): 1,
         **{("city", sha(b)): 1 for b in bodies},
     }
-
-
-@contextmanager
-def service_running_unconnected(config: Config) -> Iterator[Service]:
-    """Run a Service in a thread; yield it once it is ready (connected or not); stop it after."""
-    service = Service(config, retry=FAST_RETRY)
-    codes: list[int] = []
-    thread = threading.Thread(target=lambda: codes.append(service.run()), name="test-service")
-    thread.start()
-    try:
-        assert service.ready.wait(15), "service did not become ready"
-        yield service
-    finally:
-        service.stop()
-        thread.join(30)
-        assert not thread.is_alive(), "service did not stop"
-    assert codes == [0]
