@@ -1294,12 +1294,7 @@ class Ledger:
                         *chunk,
                     ),
                 )
-            total = int(
-                (
-                    db.execute("SELECT value FROM meta WHERE key = 'uploads_total'").fetchone()
-                    or ("0",)
-                )[0]
-            )
+            total = self._uploads_total(db)
             db.execute(
                 "INSERT INTO meta (key, value) VALUES ('uploads_total', ?) "
                 "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
@@ -1463,12 +1458,7 @@ class Ledger:
         """Record, before sending it, that a training request named ``name`` is being made."""
         now = self._clock()
         with self._transaction() as db:
-            total = int(
-                (
-                    db.execute("SELECT value FROM meta WHERE key = 'uploads_total'").fetchone()
-                    or ("0",)
-                )[0]
-            )
+            total = self._uploads_total(db)
             cursor = db.execute(
                 "INSERT INTO trainings (name, model_name, dataset_id, pretrained_model, state, "
                 "uploads_mark, requested_at) VALUES (?, ?, ?, ?, ?, ?, ?)",

@@ -182,13 +182,18 @@ class UploadTags:
 
     def metadata(self, batch_id: int, rows: Sequence[FileRow]) -> dict[str, str]:
         """The user metadata of one POST of batch ``batch_id`` (holding ``rows``)."""
-        folders = sorted({os.path.join(r.root, r.rel_path.split("/", 1)[0]) for r in rows})
         return {
             TAG_HOST: self.host,
             TAG_INSTANCE: self.instance,
             TAG_BATCH: self.batch(batch_id),
-            TAG_FOLDER: "; ".join(folders),
+            TAG_FOLDER: self.folder(rows),
         }
+
+    @staticmethod
+    def folder(rows: Sequence[FileRow]) -> str:
+        """The folder tag of a POST holding ``rows``: their category folders, sorted."""
+        folders = sorted({os.path.join(r.root, r.rel_path.split("/", 1)[0]) for r in rows})
+        return "; ".join(folders)
 
 
 @dataclass
@@ -339,7 +344,7 @@ class Uploader:
             return
         self._feeder_checks[category] = now + OTHER_FEEDER_INTERVAL
         rows = [r for r in (self.ledger.get(i) for i in file_ids) if r is not None]
-        folder = tags.metadata(0, rows)[TAG_FOLDER] if rows else ""
+        folder = tags.folder(rows)
         if not folder or any(c in folder for c in '"\\,'):
             return  # not a value a query can carry safely: the check is skipped
         query = (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -108,3 +109,20 @@ def running(config: Config, **kwargs: Any) -> Iterator[RunningService]:
         yield runner
     finally:
         runner.stop()
+
+
+def replace_keeping_size_and_mtime(path: Path, body: bytes, how: str) -> None:
+    """Replace ``path`` with ``body`` as ``cp -p`` (in place) or ``rsync -t`` (renamed) do."""
+    st = path.stat()
+    assert len(body) == st.st_size
+    if how == "cp-p":
+        with path.open("r+b") as handle:
+            handle.write(body)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    else:
+        temp = path.with_name(f".{path.name}.rsync")
+        temp.write_bytes(body)
+        os.utime(temp, ns=(st.st_atime_ns, st.st_mtime_ns))
+        temp.replace(path)
+    after = path.stat()
+    assert (after.st_size, after.st_mtime_ns) == (st.st_size, st.st_mtime_ns)

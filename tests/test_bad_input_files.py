@@ -26,8 +26,17 @@ from paiv_sync.emulator import Emulator
 from paiv_sync.images import make_jpeg, make_png
 from paiv_sync.ledger import Ledger
 from paiv_sync.service import Service
-from tests.e2e import FAST_RETRY, config_for, server_count, server_files, sha, write_image
+from tests.e2e import (
+    FAST_RETRY,
+    config_for,
+    replace_keeping_size_and_mtime,
+    server_count,
+    server_files,
+    sha,
+    write_image,
+)
 from tests.helpers import wait_until
+from tests.test_exactly_once import same_size_pngs
 
 # -- helpers -----------------------------------------------------------------------------
 
@@ -679,27 +688,7 @@ def test_file_changed_after_upload_is_uploaded_as_a_new_image(
     assert row is not None and row.sha256 == sha(new) and row.state == "uploaded"
 
 
-# -- a replacement that keeps size and mtime (docs/what-happens-when.md, 8a) -----------------
-
-# Two test images of the same size (759 bytes), with other content.
-_SAME_SIZE_SEEDS = (5, 10)
-
-
-def _replace_keeping_size_and_mtime(path: Path, body: bytes, how: str) -> None:
-    """Replace ``path`` with ``body`` as ``cp -p`` (in place) or ``rsync -t`` (renamed) do."""
-    st = path.stat()
-    assert len(body) == st.st_size
-    if how == "cp-p":
-        with open(path, "r+b") as handle:
-            handle.write(body)
-        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
-    else:
-        temp = path.with_name(f".{path.name}.rsync")
-        temp.write_bytes(body)
-        os.utime(temp, ns=(st.st_atime_ns, st.st_mtime_ns))
-        temp.replace(path)
-    after = path.stat()
-    assert (after.st_size, after.st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+# -- a replacement that keeps size and mtime (docs/what-happens-when.md, 10b) ----------------
 
 
 @pytest.mark.parametrize("how", ["cp-p", "rsync-t"])
@@ -707,8 +696,8 @@ def test_a_replacement_keeping_size_and_mtime_is_seen_while_watching(
     emulator: Emulator, root: Path, how: str
 ) -> None:
     path = root / "forest" / "a.png"
-    old = write_image(path, _SAME_SIZE_SEEDS[0])
-    new = make_png(16, 16, seed=_SAME_SIZE_SEEDS[1])
+    old, new = same_size_pngs()
+    path.write_bytes(old)
     with service_running(cfg(emulator, root)) as service:
         wait_until(
             lambda: (
@@ -717,7 +706,7 @@ def test_a_replacement_keeping_size_and_mtime_is_seen_while_watching(
             ),
             message="the first version recorded as uploaded",
         )
-        _replace_keeping_size_and_mtime(path, new, how)
+        replace_keeping_size_and_mtime(path, new, how)
         wait_until(lambda: server_count(emulator) == 2, message="the new version stored")
     assert dict(server_files(emulator)) == {("forest", sha(old)): 1, ("forest", sha(new)): 1}
 
@@ -727,12 +716,12 @@ def test_a_replacement_keeping_size_and_mtime_is_seen_at_the_next_start(
     emulator: Emulator, root: Path, how: str
 ) -> None:
     path = root / "forest" / "a.png"
-    old = write_image(path, _SAME_SIZE_SEEDS[0])
+    old, new = same_size_pngs()
+    path.write_bytes(old)
     config = cfg(emulator, root)
     assert Service(config, once=True, retry=FAST_RETRY).run() == 0
-    _replace_keeping_size_and_mtime(path, make_png(16, 16, seed=_SAME_SIZE_SEEDS[1]), how)
+    replace_keeping_size_and_mtime(path, new, how)
     assert Service(config, once=True, retry=FAST_RETRY).run() == 0
-    new = path.read_bytes()
     assert dict(server_files(emulator)) == {("forest", sha(old)): 1, ("forest", sha(new)): 1}
 
 
@@ -758,7 +747,8 @@ def test_rows_of_an_older_ledger_get_their_ctime_and_inode_at_the_first_scan(
     emulator: Emulator, root: Path
 ) -> None:
     path = root / "forest" / "a.png"
-    old = write_image(path, _SAME_SIZE_SEEDS[0])
+    old, new = same_size_pngs()
+    path.write_bytes(old)
     config = cfg(emulator, root)
     assert Service(config, once=True, retry=FAST_RETRY).run() == 0
     with sqlite3.connect(config.ledger_path) as db:  # as a ledger of an earlier version has them
@@ -771,9 +761,8 @@ def test_rows_of_an_older_ledger_get_their_ctime_and_inode_at_the_first_scan(
         path.stat().st_ctime_ns,
         path.stat().st_ino,
     )
-    _replace_keeping_size_and_mtime(path, make_png(16, 16, seed=_SAME_SIZE_SEEDS[1]), "cp-p")
+    replace_keeping_size_and_mtime(path, new, "cp-p")
     assert Service(config, once=True, retry=FAST_RETRY).run() == 0
-    new = path.read_bytes()
     assert dict(server_files(emulator)) == {("forest", sha(old)): 1, ("forest", sha(new)): 1}
 
 

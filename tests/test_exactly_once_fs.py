@@ -26,8 +26,17 @@ import pytest
 
 from paiv_sync.config import Config
 from paiv_sync.emulator import Emulator, EmulatorOptions, FaultOptions
+from paiv_sync.ledger import Ledger
 from paiv_sync.service import Service
-from tests.e2e import FAST_RETRY, config_for, running, server_files, sha, write_image
+from tests.e2e import (
+    FAST_RETRY,
+    config_for,
+    replace_keeping_size_and_mtime,
+    running,
+    server_files,
+    sha,
+    write_image,
+)
 from tests.helpers import wait_until
 from tests.test_exactly_once import assert_exactly_once, expected_files, same_size_pngs
 
@@ -177,14 +186,25 @@ def _overwrite_unseen(path: Path, body: bytes, elsewhere: Path) -> None:
     (a directory watch hears of writes made through its own entries only), and size and mtime
     are those it checked, so only the hash of what is sent can tell.
     """
-    before = path.stat()
     elsewhere.mkdir(parents=True, exist_ok=True)
     link = elsewhere / path.name
     os.link(path, link)
-    with link.open("r+b") as handle:
-        handle.write(body)
-        handle.truncate()
-    os.utime(link, ns=(before.st_atime_ns, before.st_mtime_ns))
+    replace_keeping_size_and_mtime(link, body, "cp-p")
+
+
+def _checked_then_overwritten_unseen(
+    ledger: Ledger, root: Path, tmp_path: Path, old: bytes, new: bytes
+) -> bytes:
+    """sea/wave.png holds ``old`` and is recorded so; then it is overwritten with ``new``
+    unseen, and a second file completes a batch (threshold 2). Returns that file's body."""
+    path = root / "sea" / "wave.png"
+    path.write_bytes(old)
+    wait_until(
+        lambda: (row := ledger.lookup(str(root), "sea/wave.png")) and row.sha256 == sha(old),
+        message="wave.png recorded with its first content",
+    )
+    _overwrite_unseen(path, new, tmp_path / "elsewhere")
+    return write_image(root / "sea" / "b.png", 2)  # the threshold is reached: a batch
 
 
 def test_a_file_overwritten_before_it_is_sent_is_sent_as_what_it_holds(
@@ -195,17 +215,10 @@ def test_a_file_overwritten_before_it_is_sent_is_sent_as_what_it_holds(
     # must know it, not the content hashed before.
     old, new = same_size_pngs()
     config = config_for(emulator, root, threshold={"upload": 2, "training": 1000})
-    path = root / "sea" / "wave.png"
     with running(config) as runner:
         ledger = runner.service.ledger
         assert ledger is not None
-        path.write_bytes(old)
-        wait_until(
-            lambda: (row := ledger.lookup(str(root), "sea/wave.png")) and row.sha256 == sha(old),
-            message="wave.png recorded with its first content",
-        )
-        _overwrite_unseen(path, new, tmp_path / "elsewhere")
-        other = write_image(root / "sea" / "b.png", 2)  # the threshold is reached: a batch
+        other = _checked_then_overwritten_unseen(ledger, root, tmp_path, old, new)
         wait_until(
             lambda: any(
                 "changed while it was being sent" in r.getMessage() for r in caplog.records
@@ -238,15 +251,7 @@ def test_an_overwritten_upload_the_server_cannot_delete_is_kept_and_not_sent_twi
         with running(config) as runner:
             ledger = runner.service.ledger
             assert ledger is not None
-            path.write_bytes(old)
-            wait_until(
-                lambda: (
-                    (row := ledger.lookup(str(root), "sea/wave.png")) and row.sha256 == sha(old)
-                ),
-                message="wave.png recorded with its first content",
-            )
-            _overwrite_unseen(path, new, tmp_path / "elsewhere")
-            other = write_image(root / "sea" / "b.png", 2)
+            other = _checked_then_overwritten_unseen(ledger, root, tmp_path, old, new)
             said = wait_until(
                 lambda: next(
                     (m for r in caplog.records if "could not be deleted" in (m := r.getMessage())),
