@@ -10,6 +10,7 @@ emulator and a new ledger and must leave exactly the files on the server, once e
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import resource
@@ -17,7 +18,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ from bench.common import (
     stored_files,
 )
 from bench.profiling import AllThreadsProfile, describe, merge
+from paiv_sync.pipeline import Pipeline
 from paiv_sync.service import Service
 
 log = logging.getLogger(__name__)
@@ -143,26 +145,35 @@ def baseline(emulator: EmulatorProcess, paths: list[Path]) -> Run:
     return run
 
 
-_PHASES = ("_scan_all", "_ensure_connected", "_admit_settled", "_dispatch", "_wait_uploads")
+_PHASES = ("scan_all", "ensure_connected", "admit_settled", "dispatch", "wait_uploads")
 
 
-def _instrument(service: Service) -> dict[str, float]:
-    """Time the service's phases by wrapping its bound methods (benchmark only)."""
+@contextlib.contextmanager
+def _instrumented() -> Iterator[dict[str, float]]:
+    """Time the pipeline's phases by wrapping its methods while inside (benchmark only)."""
     spent: dict[str, float] = dict.fromkeys(_PHASES, 0.0)
-    for name in _PHASES:
-        method = getattr(service, name)
+    originals = {name: getattr(Pipeline, name) for name in _PHASES}
+    for name, method in originals.items():
 
         def timed(
-            *args: Any, _method: Callable[..., Any] = method, _name: str = name, **kwargs: Any
+            self: Pipeline,
+            *args: Any,
+            _method: Callable[..., Any] = method,
+            _name: str = name,
+            **kwargs: Any,
         ) -> Any:
             started = time.perf_counter()
             try:
-                return _method(*args, **kwargs)
+                return _method(self, *args, **kwargs)
             finally:
                 spent[_name] += time.perf_counter() - started
 
-        setattr(service, name, timed)
-    return spent
+        setattr(Pipeline, name, timed)
+    try:
+        yield spent
+    finally:
+        for name, method in originals.items():
+            setattr(Pipeline, name, method)
 
 
 def paiv_once(
@@ -175,13 +186,13 @@ def paiv_once(
         emulator.url, [root], ledger, batch_size=BATCH_SIZE, settle_time=SETTLE
     )
     service = Service(config, once=True)
-    spent = _instrument(service)
     profiler = AllThreadsProfile() if profile else None
     cpu0, server0 = self_cpu_seconds(), emulator.cpu_seconds()
     started = time.perf_counter()
     if profiler is not None:
         profiler.start()
-    code = service.run()
+    with _instrumented() as spent:
+        code = service.run()
     stats = profiler.stop() if profiler is not None else None
     seconds = time.perf_counter() - started
     run = Run(
@@ -197,10 +208,10 @@ def paiv_once(
         )
     _check_server(emulator, count, "--once")
     phases = {
-        "open + scan + offer": spent["_scan_all"],
-        "log in + resolve dataset": spent["_ensure_connected"],
-        "check + hash + ledger (admit)": spent["_admit_settled"],
-        "upload (dispatch + wait)": spent["_dispatch"] + spent["_wait_uploads"],
+        "open + scan + offer": spent["scan_all"],
+        "log in + resolve dataset": spent["ensure_connected"],
+        "check + hash + ledger (admit)": spent["admit_settled"],
+        "upload (dispatch + wait)": spent["dispatch"] + spent["wait_uploads"],
     }
     phases["settle wait + rest"] = seconds - sum(phases.values())
     run.phases = phases

@@ -23,6 +23,14 @@ from paiv_sync.config import parse_config
 from paiv_sync.service import Service
 
 
+def _in_gate(service: Service) -> int:
+    """Files seen that have not settled yet (the service runs: its gate is there)."""
+    gate = service.gate
+    if gate is None:
+        raise SystemExit("bench: the service has no stability gate while it runs")
+    return len(gate)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("config", type=Path)
@@ -55,7 +63,7 @@ def main() -> int:
             raise SystemExit("the service did not become ready within 600 s")
         ready = time.perf_counter() - started
         memory_at_ready = proc_memory()
-        offered_at_ready = len(service.gate)
+        offered_at_ready = _in_gate(service)
         deadline = time.monotonic() + 60
         while service.dataset_id is None and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -68,7 +76,7 @@ def main() -> int:
             "rss_at_ready": memory_at_ready["VmRSS"],
             "peak_rss_at_ready": memory_at_ready["VmHWM"],
             "offered_at_ready": offered_at_ready,
-            "in_gate": len(service.gate),
+            "in_gate": _in_gate(service),
             "added": service.summary.added,
             "uploaded": service.summary.uploaded,
             "hashed": len(hashed),

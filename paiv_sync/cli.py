@@ -292,8 +292,8 @@ def _run(config: Config, *, once: bool, health_port: int | None = None) -> int:
 
 def _check(config: Config) -> int:
     from paiv_sync.api import MviError, newest
+    from paiv_sync.pipeline import make_client
     from paiv_sync.retry import RetryPolicy
-    from paiv_sync.service import make_client
 
     print(f"configuration {config.source}: valid")
     who = "an API key" if config.auth_mode == "api_key" else f"user {config.username}"

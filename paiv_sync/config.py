@@ -42,6 +42,7 @@ __all__ = [
     "load_config",
     "normalize_base_url",
     "parse_config",
+    "restart_needed",
 ]
 
 logger = logging.getLogger(__name__)
@@ -139,6 +140,31 @@ class Config:
         """Return the dataset category for a folder name: its override in ``categories``,
         or the folder name itself."""
         return self.categories.get(folder_name, folder_name)
+
+
+# What a reload cannot apply to a running service: the link to the server (its client, the
+# dataset resolved for it, the upload pool sized for it) and the ledger, all built once at
+# start. Every other setting is applied at once by a reload (see Pipeline.apply).
+RESTART_KEYS: Final = (
+    "base_url",
+    "username",
+    "password",
+    "api_key",
+    "verify",
+    "timeout",
+    "ledger_path",
+    "dataset_name",
+    "dataset_action",
+    "upload_workers",
+    "health_port",
+    "retry_initial",
+    "retry_maximum",
+)
+
+
+def restart_needed(old: Config, new: Config) -> list[str]:
+    """The settings that differ between ``old`` and ``new`` and only a restart applies."""
+    return [name for name in RESTART_KEYS if getattr(old, name) != getattr(new, name)]
 
 
 # ---------------------------------------------------------------------------------------

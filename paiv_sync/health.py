@@ -13,7 +13,7 @@ import json
 import logging
 import threading
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -22,21 +22,38 @@ from werkzeug.serving import BaseWSGIServer, make_server
 from werkzeug.wrappers import Request, Response
 
 from paiv_sync import ledger as states
+from paiv_sync.ledger import Ledger
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
-
-    from paiv_sync.service import Service
 
 log = logging.getLogger(__name__)
 
 _TRAINING_STATES = (states.REQUESTING, states.TRAINING, states.TRAINED, states.FAILED)
 
 
+class Observed(Protocol):
+    """What the endpoints read of a running service (paiv_sync.service.Service is one)."""
+
+    @property
+    def ledger(self) -> Ledger | None: ...  # None before the service has opened it
+
+    @property
+    def connected(self) -> bool: ...
+
+    @property
+    def upload_retries(self) -> int: ...
+
+    @property
+    def last_upload_time(self) -> float | None: ...
+
+    def healthy(self) -> tuple[bool, str]: ...
+
+
 class ServiceCollector(Collector):
     """Reads the service's ledger and counters when Prometheus scrapes."""
 
-    def __init__(self, service: Service) -> None:
+    def __init__(self, service: Observed) -> None:
         self._service = service
 
     def collect(self) -> Iterator[Metric]:
@@ -94,7 +111,7 @@ class ServiceCollector(Collector):
 class HealthServer:
     """The endpoints on ``host:port`` (port 0 picks a free one) in a background thread."""
 
-    def __init__(self, service: Service, *, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, service: Observed, *, host: str = "127.0.0.1", port: int = 0) -> None:
         self._service = service
         registry = CollectorRegistry(auto_describe=False)
         registry.register(ServiceCollector(service))

@@ -10,8 +10,11 @@ whether every part still moves.
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 from collections.abc import Callable, Iterator
+
+log = logging.getLogger(__name__)
 
 
 class Heartbeats:
@@ -69,3 +72,21 @@ class Heartbeats:
         if now - oldest > self.job_limit:
             return False, f"an upload worker has shown no progress for {now - oldest:.0f} s"
         return True, "ok"
+
+
+def ping_watchdog(
+    stop: threading.Event,
+    interval: float,
+    healthy: Callable[[], tuple[bool, str]],
+    notify: Callable[[str], None],
+) -> None:
+    """Ping systemd's watchdog every ``interval`` s while ``healthy()``; withhold it otherwise."""
+    complained = False
+    while not stop.wait(interval):
+        ok, why = healthy()
+        if ok:
+            notify("WATCHDOG=1")
+            complained = False
+        elif not complained:
+            log.error("not healthy: %s; withholding the systemd watchdog ping", why)
+            complained = True

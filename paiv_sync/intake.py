@@ -67,6 +67,8 @@ class Intake:
     that intake keeps in step as it adds files); ``changed()`` says the pending files changed
     otherwise; ``between_slices()`` runs after each slice of settled files is recorded (the
     service hands full batches to the upload workers there, while the rest is still read).
+    ``thresholds_apply``: whether files wait for the upload threshold (not under ``--once``);
+    only what is logged for a new file depends on it.
     """
 
     def __init__(
@@ -82,7 +84,7 @@ class Intake:
         progress: ProgressCounter | None,
         stop_event: threading.Event,
         clock: Callable[[], float],
-        once: bool,
+        thresholds_apply: bool,
         pending_counts: Callable[[], dict[str, int]],
         changed: Callable[[], None],
         between_slices: Callable[[], None],
@@ -97,7 +99,7 @@ class Intake:
         self._progress = progress
         self._stop = stop_event
         self._clock = clock
-        self._once = once
+        self._thresholds_apply = thresholds_apply
         self._pending_counts = pending_counts
         self._changed = changed
         self._between_slices = between_slices
@@ -357,7 +359,7 @@ class Intake:
         counts[category] = counts.get(category, 0) + 1
         count = counts[category]
         needed = self._debouncer.needed(count)
-        if self._once:
+        if not self._thresholds_apply:
             log.info("%s added — %d pending", rel, count)
         elif needed:
             log.info(

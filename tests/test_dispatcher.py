@@ -19,8 +19,8 @@ from paiv_sync.config import Config, parse_config
 from paiv_sync.dispatcher import Dispatcher
 from paiv_sync.heartbeats import Heartbeats
 from paiv_sync.ledger import Ledger
+from paiv_sync.pipeline import RunSummary, make_client
 from paiv_sync.retry import RetryPolicy
-from paiv_sync.service import RunSummary, make_client
 from paiv_sync.uploader import Uploader
 
 
