@@ -35,8 +35,9 @@ from paiv_sync.ledgerhold import LEDGER_GIVE_UP, LedgerHold
 from paiv_sync.progress import ProgressCounter
 from paiv_sync.retry import RetryPolicy
 from paiv_sync.stability import StabilityGate
+from paiv_sync.tags import UploadTags
 from paiv_sync.trainer import Trainer
-from paiv_sync.uploader import Uploader, UploadTags
+from paiv_sync.uploader import Uploader
 from paiv_sync.watcher import Watcher
 
 log = logging.getLogger(__name__)
@@ -159,8 +160,8 @@ class Pipeline:
             sleep=self._upload_sleep,
             clock=clock,
             look_again=lambda path: hint(path, False),
+            tags=UploadTags(host=socket.gethostname(), instance=ledger.instance_id()),
         )
-        self.uploader.tags = UploadTags(host=socket.gethostname(), instance=ledger.instance_id())
         self.trainer = Trainer(
             self.client,
             ledger,

@@ -3,9 +3,8 @@
 A file leaves ``pending`` only when the server confirmed it. A POST whose outcome cannot be
 known (the connection dropped after the request went out, a read timed out, a 5xx) leaves its
 files ``uploading``; before any of them is sent again, the batch is reconciled against what the
-dataset really holds, so a file is never stored twice. The server's file list carries no content
-hash, so a stored file is recognised by its original name (as sent) and size in its category,
-counting the copies the ledger already knows about -- earlier contents of replaced files included.
+dataset really holds (paiv_sync.holdings), so a file is never stored twice. Per-file failures
+are weighed in paiv_sync.filefaults; the tags each upload carries are in paiv_sync.tags.
 
 Only rows of a batch that no thread of this process is sending are in doubt: a batch still on
 its way is left to its own worker. Limits of recognising by name and size: two files of one
@@ -22,8 +21,7 @@ import logging
 import os
 import threading
 import time
-from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -37,170 +35,30 @@ from paiv_sync.api import (
     MviClient,
     MviError,
     NotFoundError,
-    NotSupportedError,
     RequestError,
     TlsError,
     TransientError,
     UploadPart,
-    as_int,
-    wire_name,
 )
-from paiv_sync.ledger import REFUSED_PREFIX, FileRow, Ledger
+from paiv_sync.filefaults import TRANSIENT_LIMIT, FileFaults, blames_the_file
+from paiv_sync.holdings import Holdings
+from paiv_sync.ledger import FileRow, Ledger
 from paiv_sync.retry import RetryPolicy
+from paiv_sync.tags import ServerTags, UploadTags
 
 log = logging.getLogger(__name__)
 
 
-# The user-metadata keys each upload carries (see docs/configuration.md, "Upload tags").
-TAG_HOST = "paiv_sync_host"
-TAG_INSTANCE = "paiv_sync_instance"
-TAG_BATCH = "paiv_sync_batch"
-TAG_FOLDER = "paiv_sync_folder"
-
-
-# Words in a per-file fault that blame the file itself (its type, size or content) rather than
-# the server: the file is refused after a few tries. Any other fault ("Internal error while
-# storing the file", no verdict at all) is the server's: the file is sent again, with back-off,
-# for as long as TRANSIENT_LIMIT.
-_REFUSAL_WORDS = (
-    "not a ",
-    "unsupported",
-    "not supported",
-    "invalid",
-    "format",
-    "file type",
-    "too large",
-    "too big",
-    "exceed",
-    "empty",
-    "corrupt",
-    "damaged",
-    "truncated",
-    "cannot decode",
-    "could not decode",
-)
-
 # Tries of a DELETE of a copy that holds other content than checked (see _sent_other_content):
 # the upload worker must not wait for ever on a server that keeps failing them.
 DELETE_TRIES = 5
-# How often (seconds) each category looks for uploads of another paiv-sync from its folder.
-OTHER_FEEDER_INTERVAL = 600.0
-
-# How long the server may keep failing one file (while storing others) before it is set aside
-# as rejected; a restart or ``paiv-sync retry`` sends it again.
-TRANSIENT_LIMIT = 900.0
-
-
-def blames_the_file(fault: str) -> bool:
-    """Tell whether a server's per-file fault says the file itself is unacceptable."""
-    text = fault.lower()
-    return any(word in text for word in _REFUSAL_WORDS)
-
-
-class _FileFaults:
-    """The server's failures of each file of one batch: how often, and since when.
-
-    A refusal that blames the file rejects it after ``max_refusals`` of them; any other
-    failure only after the server kept failing the file for ``limit`` seconds.
-    """
-
-    def __init__(self, clock: Callable[[], float], max_refusals: int, limit: float) -> None:
-        self._clock = clock
-        self._max_refusals = max_refusals
-        self._limit = limit
-        self._refusals: Counter[int] = Counter()
-        self._failing_since: dict[int, float] = {}
-        self.worst = 0  # the most failures of any one file: the back-off's attempt number
-        self._counts: Counter[int] = Counter()
-
-    def verdict(self, row: FileRow, fault: str, *, refusal: bool) -> str | None:
-        """Record one failure of ``row``; return its rejection reason when it is rejected now.
-
-        Logs the failure (the first one of a file at WARNING, later ones at DEBUG).
-        """
-        self._counts[row.id] += 1
-        self.worst = max(self.worst, self._counts[row.id])
-        first = self._counts[row.id] == 1
-        if refusal:
-            self._refusals[row.id] += 1
-            if self._refusals[row.id] >= self._max_refusals:
-                log.error(
-                    "%s rejected by the server after %d attempts: %s",
-                    row.rel_path,
-                    self._refusals[row.id],
-                    fault,
-                )
-                return REFUSED_PREFIX + fault
-            log.log(
-                logging.WARNING if first else logging.DEBUG,
-                "%s refused by the server (%s); will retry",
-                row.rel_path,
-                fault,
-            )
-            return None
-        now = self._clock()
-        since = self._failing_since.setdefault(row.id, now)
-        if now - since >= self._limit:
-            minutes = max(1, round((now - since) / 60))
-            log.error(
-                "%s: the server kept failing it for %d min (%s); set aside as rejected, a "
-                "restart or `paiv-sync retry` sends it again",
-                row.rel_path,
-                minutes,
-                fault,
-            )
-            return (
-                f"the server failed it for {minutes} min ({fault}); a restart or "
-                "`paiv-sync retry` sends it again"
-            )
-        log.log(
-            logging.WARNING if first else logging.DEBUG,
-            "%s failed on the server (%s); it is sent again while the server keeps storing "
-            "other files (for up to %d min)",
-            row.rel_path,
-            fault,
-            round(self._limit / 60),
-        )
-        return None
-
-
-@dataclass(frozen=True)
-class UploadTags:
-    """What each upload tells the server of where it came from (as user metadata).
-
-    ``instance`` is the ledger's own random id: with the ledger's batch id it names one batch
-    uniquely across every station feeding the dataset, so a batch whose answer was lost can be
-    looked up on the server as exactly that batch.
-    """
-
-    host: str
-    instance: str
-
-    def batch(self, batch_id: int) -> str:
-        """The tag value of batch ``batch_id``."""
-        return f"{self.instance}:{batch_id}"
-
-    def metadata(self, batch_id: int, rows: Sequence[FileRow]) -> dict[str, str]:
-        """The user metadata of one POST of batch ``batch_id`` (holding ``rows``)."""
-        return {
-            TAG_HOST: self.host,
-            TAG_INSTANCE: self.instance,
-            TAG_BATCH: self.batch(batch_id),
-            TAG_FOLDER: self.folder(rows),
-        }
-
-    @staticmethod
-    def folder(rows: Sequence[FileRow]) -> str:
-        """The folder tag of a POST holding ``rows``: their category folders, sorted."""
-        folders = sorted({os.path.join(r.root, r.rel_path.split("/", 1)[0]) for r in rows})
-        return "; ".join(folders)
 
 
 @dataclass
 class _Sending:
     """Where the sending of one batch stands (see Uploader._send_batch)."""
 
-    faults: _FileFaults
+    faults: FileFaults
     attempt: int = 0
     maybe_sent: bool = False  # True once a POST of this batch may have reached the server
     late_checks: int = 0  # after a timed-out POST: looks before sending again, and the wait
@@ -249,6 +107,7 @@ class Uploader:
         sleep: Callable[[float], object] | None = None,
         clock: Callable[[], float] = time.monotonic,
         look_again: Callable[[str], None] | None = None,
+        tags: UploadTags | None = None,
     ) -> None:
         self.client = client
         self.ledger = ledger
@@ -270,15 +129,9 @@ class Uploader:
         # would put them back to ``pending`` and so send them twice.
         self._active_batches: set[int] = set()
         self._active_lock = threading.Lock()
-        # Upload tags, and whether the dataset's server stores and queries them: None until
-        # it was seen (and then kept in the ledger), True or False after.
-        self.tags: UploadTags | None = None
-        self._tag_support: dict[str, bool] = {}
-        # Looking for another paiv-sync feeding the dataset from the same folders: when each
-        # category is due, what was said, and since when (server time, epoch ms) it counts.
-        self._feeder_checks: dict[str, float] = {}
-        self._feeders_said: set[tuple[str, str]] = set()
-        self._started_ms = int(time.time() * 1000)
+        # The upload tags, whether the server honours them, and lookups in the dataset.
+        self.tags = ServerTags(client, ledger, tags, clock=clock)
+        self._holdings = Holdings(client, ledger, self.tags)
 
     def _category_lock(self, category: str) -> threading.Lock:
         with self._locks_guard:
@@ -321,58 +174,9 @@ class Uploader:
                 category,
                 dataset_id,
             )
-            self._look_for_other_feeders(dataset_id, category, file_ids)
+            rows = [r for r in (self.ledger.get(i) for i in file_ids) if r is not None]
+            self.tags.look_for_other_feeders(dataset_id, category, rows)
         return report
-
-    def _look_for_other_feeders(
-        self, dataset_id: str, category: str, file_ids: Sequence[int]
-    ) -> None:
-        """Say so when another paiv-sync uploads from the same folder into this dataset.
-
-        Two services with their own ledgers on the same folders each send every image: the
-        dataset gets it twice. Their uploads carry another instance tag: one query (every
-        OTHER_FEEDER_INTERVAL per category, where the server keeps and queries the tags) finds
-        such files stored since this process started.
-        """
-        tags = self.tags
-        now = self._clock()
-        if (
-            tags is None
-            or not self.tags_supported(dataset_id)
-            or now < self._feeder_checks.get(category, 0.0)
-        ):
-            return
-        self._feeder_checks[category] = now + OTHER_FEEDER_INTERVAL
-        rows = [r for r in (self.ledger.get(i) for i in file_ids) if r is not None]
-        folder = tags.folder(rows)
-        if not folder or any(c in folder for c in '"\\,'):
-            return  # not a value a query can carry safely: the check is skipped
-        query = (
-            f'metadata.{TAG_FOLDER} == "{folder}", metadata.{TAG_INSTANCE} != "{tags.instance}", '
-            f"created_at > {self._started_ms}"
-        )
-        try:
-            found = self.client.list_files(dataset_id, query=query, limit=1, retry=False)
-            if not found:
-                return
-            other = self.client.file_metadata(dataset_id, str(found[0].get("_id")), retry=False)
-        except MviError as exc:
-            log.debug("could not look for another paiv-sync feeding %s: %s", folder, exc)
-            return
-        instance = str(other.get(TAG_INSTANCE, "?"))
-        if (folder, instance) in self._feeders_said:
-            return
-        self._feeders_said.add((folder, instance))
-        log.warning(
-            "another paiv-sync (host %s, instance %s, not this one's ledger) is uploading files "
-            "from %s into dataset %s too: each image may reach the dataset twice. Run one "
-            "paiv-sync per folder and dataset (stop the other, or take the folder out of one "
-            "of the configurations)",
-            other.get(TAG_HOST, "?"),
-            instance,
-            folder,
-            dataset_id,
-        )
 
     def _send_batch(
         self,
@@ -383,7 +187,7 @@ class Uploader:
         report: BatchReport,
     ) -> None:
         """POST the batch's rows until each is settled, shutdown comes, or uploads pause."""
-        st = _Sending(_FileFaults(self._clock, self._max_file_attempts, self._transient_limit))
+        st = _Sending(FileFaults(self._clock, self._max_file_attempts, self._transient_limit))
         while True:
             rows = self.ledger.batch_rows(batch_id)
             if rows and st.maybe_sent:
@@ -408,14 +212,13 @@ class Uploader:
             st.attempt += 1
             sending = rows[:1] if st.one_by_one else rows
             started = self._clock()
-            tags = self.tags
             try:
                 results = self.client.upload(
                     dataset_id,
                     [UploadPart(r.file_path, r.upload_name, r.content_type or "") for r in sending],
                     category_name=category,
                     category_id=category_id,
-                    metadata=tags.metadata(batch_id, sending) if tags is not None else None,
+                    metadata=self.tags.metadata(batch_id, sending),
                 )
             except (MviError, OSError) as exc:
                 self._upload_failed(exc, st, category, sending, rows, report, started)
@@ -423,10 +226,10 @@ class Uploader:
             settled_all = self._settle_results(
                 sending, results, report, st.faults, batch_id if sending is rows else None
             )
-            if self.tags is not None and self.tags_supported(dataset_id) is None:
+            if self.tags.supported(dataset_id) is None:
                 stored = next((r.file_id for r in results if r.ok and r.file_id), None)
                 if stored is not None:
-                    self._learn_tag_support(dataset_id, batch_id, stored)
+                    self.tags.learn(dataset_id, batch_id, stored)
             if settled_all:
                 return  # every row of the batch is settled: nothing left to read back
 
@@ -604,7 +407,7 @@ class Uploader:
         rows: list[FileRow],
         results: Sequence[FileResult],
         report: BatchReport,
-        faults: _FileFaults,
+        faults: FileFaults,
         batch_id: int | None = None,
     ) -> bool:
         """Record the server's verdict on ``rows``; True when every one of them is settled.
@@ -693,7 +496,7 @@ class Uploader:
             self._look_again(row.file_path)
 
     def _refused_alone(
-        self, row: FileRow, exc: RequestError, report: BatchReport, faults: _FileFaults
+        self, row: FileRow, exc: RequestError, report: BatchReport, faults: FileFaults
     ) -> None:
         """The server refused a request holding only ``row``: rejected once it did so often.
 
@@ -740,7 +543,7 @@ class Uploader:
             attempt += 1
             try:
                 with self._category_lock(category):
-                    found = self._held_by_server(dataset_id, category, category_id, rows)
+                    found = self._holdings.held(dataset_id, category, category_id, rows)
                 break
             except TransientError as exc:
                 log.warning(
@@ -776,131 +579,6 @@ class Uploader:
             )
         done = {fid for fid, _ in found}
         return [r for r in rows if r.id not in done]
-
-    # -- upload tags ---------------------------------------------------------------------
-
-    def tags_supported(self, dataset_id: str) -> bool | None:
-        """Whether the server stores and queries the upload tags (None: not known yet)."""
-        if dataset_id not in self._tag_support:
-            known = self.ledger.get_meta(f"tags_supported:{dataset_id}")
-            if known is None:
-                return None
-            self._tag_support[dataset_id] = known == "yes"
-        return self._tag_support[dataset_id]
-
-    def _learn_tag_support(self, dataset_id: str, batch_id: int, file_id: str) -> None:
-        """After the first upload into a dataset: does the server keep and query our tags?
-
-        Yes when the file just stored carries the batch's tag, a query for that tag finds it,
-        and a query for a tag nobody sent finds nothing (a server that ignores ``query``
-        answers every file). Any other answer is a no; a failure to ask leaves it unknown.
-        """
-        if self.tags is None:
-            return
-        tag = self.tags.batch(batch_id)
-        try:
-            # One try each: the uploads must not wait on this; unknown means "ask again later".
-            metadata = self.client.file_metadata(dataset_id, file_id, retry=False)
-            supported = metadata.get(TAG_BATCH) == tag
-            if supported:
-                found = self.client.list_files(dataset_id, query=_tag_query(tag), retry=False)
-                nobody = self.client.list_files(
-                    dataset_id, query=_tag_query(tag + ":none"), retry=False
-                )
-                supported = file_id in {f.get("_id") for f in found} and not nobody
-        except NotSupportedError:
-            supported = False
-        except MviError as exc:
-            log.debug("could not check whether the server keeps upload tags: %s", exc)
-            return
-        self._tag_support[dataset_id] = supported
-        self.ledger.set_meta(f"tags_supported:{dataset_id}", "yes" if supported else "no")
-        log.info(
-            "the server %s the upload tags (user metadata): files in doubt are looked up %s",
-            "keeps and queries" if supported else "does not keep or query",
-            "by their batch" if supported else "by name and size in their category",
-        )
-
-    def _held_by_server(
-        self, dataset_id: str, category: str, category_id: str, rows: Iterable[FileRow]
-    ) -> list[tuple[int, str | None]]:
-        rows = list(rows)
-        if (
-            self.tags is not None
-            and self.tags_supported(dataset_id)
-            and all(r.batch_id is not None for r in rows)
-        ):
-            return self._held_in_batches(dataset_id, rows)
-        return self._held_by_name_and_size(dataset_id, category, category_id, rows)
-
-    def _held_in_batches(
-        self, dataset_id: str, rows: list[FileRow]
-    ) -> list[tuple[int, str | None]]:
-        """Rows the server holds, asking it for exactly the files of each row's batch.
-
-        Of the files tagged with a batch, those the ledger already records as uploaded are
-        set aside; each row then takes one of the rest with its name and size.
-        """
-        assert self.tags is not None
-        found: list[tuple[int, str | None]] = []
-        by_batch: dict[int, list[FileRow]] = {}
-        for row in rows:
-            assert row.batch_id is not None
-            by_batch.setdefault(row.batch_id, []).append(row)
-        for batch_id, group in by_batch.items():
-            tagged = list(
-                self.client.iter_files(dataset_id, query=_tag_query(self.tags.batch(batch_id)))
-            )
-            listed = {str(f["_id"]) for f in tagged if f.get("_id") is not None}
-            # A row that already names its stored copy (recorded, then put in doubt by a
-            # crash before the commit was on disk) is held when that copy is listed.
-            own = {r.server_file_id for r in group if r.server_file_id in listed}
-            set_aside = self.ledger.known_server_ids(listed - own) | own
-            free: dict[tuple[str, int], list[str | None]] = {}
-            for item in tagged:
-                server_id = item.get("_id")
-                if server_id is not None and str(server_id) in set_aside:
-                    continue
-                key = (str(item.get("original_file_name", "")), as_int(item.get("size")))
-                free.setdefault(key, []).append(None if server_id is None else str(server_id))
-            for row in group:
-                if row.server_file_id in own:
-                    found.append((row.id, row.server_file_id))
-                    continue
-                copies = free.get((wire_name(row.upload_name), row.size))
-                if copies:
-                    found.append((row.id, copies.pop(0)))
-        return found
-
-    def _held_by_name_and_size(
-        self, dataset_id: str, category: str, category_id: str, rows: Iterable[FileRow]
-    ) -> list[tuple[int, str | None]]:
-        server: dict[tuple[str, int], list[str | None]] = {}
-        listed: set[object] = set()
-        for item in self.client.iter_files(dataset_id, category_id=category_id):
-            server_id = item.get("_id")
-            if server_id is not None:
-                # Paging while files arrive can list one twice: a repeat must not count as a
-                # second copy, or an unsent file would pass for stored.
-                if server_id in listed:
-                    continue
-                listed.add(server_id)
-            key = (str(item.get("original_file_name", "")), as_int(item.get("size")))
-            server.setdefault(key, []).append(server_id)
-        # The server records a file under the name it was sent as, which is not always the
-        # name on disk (see ``wire_name``): compare names as the server knows them.
-        known: Counter[tuple[str, int]] = Counter()
-        for (name, size), count in self.ledger.uploaded_keys(category).items():
-            known[(wire_name(name), size)] += count
-        found: list[tuple[int, str | None]] = []
-        taken: Counter[tuple[str, int]] = Counter()
-        for row in rows:
-            key = (wire_name(row.upload_name), row.size)
-            copies = server.get(key, [])
-            if len(copies) - known.get(key, 0) - taken[key] > 0:
-                found.append((row.id, copies[-1 - taken[key]]))
-                taken[key] += 1
-        return found
 
     def resolve_in_doubt(self) -> int:
         """Settle rows left ``uploading`` by a crash, against the server; return how many.
@@ -956,7 +634,9 @@ class Uploader:
         if category_id is None:
             return 0  # the dataset has no such category yet: nothing to clash with
         pending = self.ledger.pending(category)
-        found = self._held_by_name_and_size(dataset_id, category, str(category_id), pending)
+        found = self._holdings.held_by_name_and_size(
+            dataset_id, category, str(category_id), pending
+        )
         found_ids = {fid for fid, _ in found}
         why = "the dataset already holds a file of this name and size"
         self.ledger.mark_duplicates([(fid, why) for fid in found_ids])
@@ -968,8 +648,3 @@ class Uploader:
                 len(found_ids),
             )
         return len(found_ids)
-
-
-def _tag_query(tag: str) -> str:
-    """The ``query`` that finds the files of one batch."""
-    return f'metadata.{TAG_BATCH} == "{tag}"'

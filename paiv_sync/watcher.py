@@ -34,6 +34,8 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
+from paiv_sync.configkeys import OBSERVERS
+
 __all__ = [
     "KINDS",
     "NETWORK_FILESYSTEMS",
@@ -49,7 +51,7 @@ logger = logging.getLogger(__name__)
 Sink = Callable[[str, bool], None]
 """Receives (absolute path, is_directory) for every hint; must not block."""
 
-KINDS = ("auto", "native", "polling")
+KINDS = OBSERVERS
 
 # File systems on which inotify / FSEvents miss changes made by other hosts, so only polling
 # sees them. FUSE types appear as "fuse.<name>".

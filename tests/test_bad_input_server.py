@@ -504,7 +504,7 @@ def test_a_spell_of_server_failures_delays_files_but_rejects_none(
 def test_files_the_server_kept_failing_are_set_aside_and_sent_again_at_restart(
     emulator: Emulator, root: Path, logs: pytest.LogCaptureFixture
 ) -> None:
-    from paiv_sync.uploader import TRANSIENT_LIMIT
+    from paiv_sync.filefaults import TRANSIENT_LIMIT
     from tests.test_bad_input_files import SkipClock
 
     emulator.set_faults(FaultOptions(fail_in_200_rate=1.0, routes=(UPLOAD_ROUTE,)))

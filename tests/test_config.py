@@ -538,19 +538,15 @@ def test_password_precedence(tmp_path: Path, images: Path, env: dict[str, str]) 
     data = seed(images)
     data["credentials"]["password"] = "from-value"
 
-    def password(data: dict[str, Any], env: dict[str, str], **kwargs: Any) -> str | None:
+    def password(data: dict[str, Any], env: dict[str, str]) -> str | None:
         path = write(tmp_path / "configuration.json", data)
-        return load_config(path, env=env, **kwargs).password
+        return load_config(path, env=env).password
 
     assert password(data, env) == "from-value"
     data["credentials"]["password_file"] = "password.txt"  # relative to the config file
     assert password(data, env) == "from-file"
     env_with = env | {"PAIV_PASSWORD": "from-env"}
     assert password(data, env_with) == "from-env"
-    overrides = {"credentials.password": "from-override"}
-    assert password(data, env_with, overrides=overrides) == "from-override"
-    # None means "not given" (a CLI option left out), so the next source wins.
-    assert password(data, env_with, overrides={"credentials.password": None}) == "from-env"
 
 
 def test_systemd_credentials_directory(tmp_path: Path, images: Path, env: dict[str, str]) -> None:
@@ -648,11 +644,6 @@ def test_secrets_never_appear_in_messages(
     assert "credentials.password: must be a string, got a list" in text
     assert "credentials.api_key: must be a string, got an object" in text
     assert SECRET not in text and API_KEY not in text
-    bad_override = problems(seed(images), env, overrides={"credentials.password": 12345678})
-    assert bad_override == [
-        "configuration.json: credentials.password: the override must be a non-empty string, "
-        "got a number"
-    ]
 
     # Nor in the repr of a loaded configuration, nor in its warnings.
     config = load_config(write(tmp_path / "c.json", seed(images), 0o644), env=env)
@@ -676,26 +667,6 @@ def test_permission_warning(tmp_path: Path, images: Path, env: dict[str, str]) -
     del data["credentials"]["password"]
     path = write(tmp_path / "configuration.json", data, 0o644)
     assert load_config(path, env=env | {"PAIV_PASSWORD": SECRET}).warnings == ()
-
-
-# --- overrides --------------------------------------------------------------------------
-
-
-def test_overrides_replace_file_values(tmp_path: Path, images: Path, env: dict[str, str]) -> None:
-    path = write(tmp_path / "configuration.json", seed(images))
-    config = load_config(
-        path,
-        env=env,
-        overrides={"threshold.upload": 3, "ledger": "/tmp/x.sqlite3", "observer": None},
-    )
-    assert config.upload_threshold == 3
-    assert config.ledger_path == Path("/tmp/x.sqlite3")
-    assert config.observer == "auto"
-    with pytest.raises(ConfigError) as info:
-        load_config(path, env=env, overrides={"threshold.upload": "many"})
-    assert info.value.problems == (
-        'configuration.json: threshold.upload: must be a positive integer, got "many"',
-    )
 
 
 # --- the template -----------------------------------------------------------------------
@@ -761,3 +732,41 @@ def test_retry_policy_keys(tmp_path: Path) -> None:
             {**base, "retry": {"initial": 10, "maximum": 5, "max": 1}}, source=None, env={}
         )
     assert "retry.maximum: must be at least retry.initial (10)" in str(caught.value)
+
+
+# --- the table of keys ------------------------------------------------------------------
+
+
+def test_every_key_of_the_table_is_read_and_documented(images: Path, env: dict[str, str]) -> None:
+    from paiv_sync.configkeys import KEYS, SECTIONS
+
+    doc = (REPO / "docs" / "configuration.md").read_text(encoding="utf-8")
+    for dotted, default in KEYS.items():
+        section, _, name = dotted.rpartition(".")
+        # The credentials table names its keys without the section.
+        assert f"`{dotted}`" in doc or (section == "credentials" and f"`{name}`" in doc), dotted
+        if not isinstance(default, (bool, int, float, str, tuple)):
+            continue  # REQUIRED, DERIVED, ABSENT: the seed gives the keys that need a value
+        data = seed(images)
+        node = data.setdefault(section, {}) if section else data
+        node[name] = list(default) if isinstance(default, tuple) else default
+        if dotted == "threshold.train":
+            del node["training"]  # its alias: both with different values are an error
+        config = parse_config(data, source=None, env=env)
+        assert not [w for w in config.warnings if "unknown key" in w], dotted
+    assert set(SECTIONS[""]) >= {"credentials", "threshold", "dataset", "model", "retry"}
+
+
+def test_defaults_come_from_the_table(images: Path, env: dict[str, str]) -> None:
+    from paiv_sync.configkeys import KEYS
+
+    data = seed(images)
+    data["threshold"] = {}
+    config = parse_config(data, source=None, env=env)
+    assert config.upload_threshold == KEYS["threshold.upload"]
+    assert config.training_threshold == KEYS["threshold.training"]
+    assert config.batch_size == KEYS["batch_size"]
+    assert config.observer == KEYS["observer"]
+    assert config.extensions == KEYS["extensions"]
+    assert config.retry_maximum == KEYS["retry.maximum"]
+    assert config.timeout == KEYS["credentials.timeout"]
