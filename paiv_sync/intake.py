@@ -55,7 +55,7 @@ class _Checked:
     """A settled file read and hashed, waiting to be recorded."""
 
     where: Location
-    settled: Settled
+    settled: Settled[Location]
     seen: Inspection
 
 
@@ -75,7 +75,7 @@ class Intake:
         self,
         config: Config,
         layout: Layout,
-        gate: StabilityGate,
+        gate: StabilityGate[Location],
         ledger: Ledger,
         *,
         counts: Counts,
@@ -133,9 +133,7 @@ class Intake:
         except OSError:
             info = None  # the scan reports why it cannot look
         if info is not None and stat.S_ISREG(info.st_mode):
-            self.gate.offer(
-                os.path.join(where.root, where.rel_path), info.st_size, info.st_mtime_ns
-            )
+            self.gate.offer(where, info.st_size, info.st_mtime_ns)
             return
         for found in scan(
             self.layout,
@@ -143,8 +141,7 @@ class Intake:
             follow_symlinks=self.config.follow_symlinks,
             on_skip=self._on_scan_skip,
         ):
-            loc = found.location
-            self.gate.offer(os.path.join(loc.root, loc.rel_path), found.size, found.mtime_ns)
+            self.gate.offer(found.location, found.size, found.mtime_ns)
 
     def _skip(self, path: str, skip: Skip) -> None:
         if skip.warn and path not in self._warned:
@@ -193,7 +190,7 @@ class Intake:
             if change.kind == reconcile.OFFER:
                 assert change.found is not None
                 _, size, mtime_ns, _, _ = change.found
-                self.gate.offer(os.path.join(root_text, change.rel_path), size, mtime_ns)
+                self.gate.offer(self.layout.at(root, change.rel_path), size, mtime_ns)
                 offered += 1
             elif change.kind == reconcile.FILL:
                 assert change.found is not None
@@ -223,7 +220,7 @@ class Intake:
                 row.stamp, found.size, found.mtime_ns, found.ctime_ns, found.inode
             ):
                 continue
-            self.gate.offer(os.path.join(loc.root, loc.rel_path), found.size, found.mtime_ns)
+            self.gate.offer(loc, found.size, found.mtime_ns)
 
     def forget(self, root: str, rel: str) -> None:
         """A file deleted before its upload: its pending row goes."""
@@ -245,22 +242,17 @@ class Intake:
             # Read and hash the slice first, then write it: the ledger is held only for the
             # writes, so the upload workers' commits do not wait for the file reads.
             checked: list[_Checked] = []
-            located: list[tuple[Settled, Location]] = []
-            for settled in due[start : start + slice_size]:
-                where = self.layout.locate(settled.path)
-                if isinstance(where, Location):
-                    located.append((settled, where))
-                else:
-                    self._nothing_to_send(settled.size)
-            known = self.ledger.known_stats((str(w.root), w.rel_path) for _, w in located)
-            for settled, where in located:
+            located = due[start : start + slice_size]
+            known = self.ledger.known_stats((str(s.key.root), s.key.rel_path) for s in located)
+            for settled in located:
                 if self._stop.is_set():
                     return
+                where = settled.key
                 if _recorded_as_is(settled, known.get((str(where.root), where.rel_path))):
                     # An event for a file the scan had seen, or a touch: nothing new.
                     self._nothing_to_send(settled.size)
                     continue
-                found = self._inspect(settled, where)
+                found = self._inspect(settled)
                 if found is not None:
                     checked.append(found)
             self._admit(checked)
@@ -275,20 +267,19 @@ class Intake:
                 self._stop.wait(max(0.0, min(1.0, due - self._clock())))
             self.admit_settled()
 
-    def _gone(self, gone: Settled) -> None:
+    def _gone(self, gone: Settled[Location]) -> None:
         self._nothing_to_send(gone.size)
-        where = self.layout.locate(gone.path)
-        if isinstance(where, Location):
-            self.forget(str(where.root), where.rel_path)
+        self.forget(str(gone.key.root), gone.key.rel_path)
 
-    def _inspect(self, settled: Settled, where: Location) -> _Checked | None:
+    def _inspect(self, settled: Settled[Location]) -> _Checked | None:
         """Check and hash one settled file; None when there is nothing to record."""
-        root, rel = str(where.root), where.rel_path
+        where = settled.key
+        root, rel, path = str(where.root), where.rel_path, where.path
         try:
             # One open for the image checks, the kind and the hash: every open costs a syscall
             # pair and, in watch mode, inotify events the observer thread has to wade through.
-            seen = inspect_image(settled.path, self.config.max_file_size)
-            st = os.stat(settled.path)  # by path: a file replaced meanwhile shows here
+            seen = inspect_image(path, self.config.max_file_size)
+            st = os.stat(path)  # by path: a file replaced meanwhile shows here
         except FileNotFoundError:
             self._nothing_to_send(settled.size)
             self.forget(root, rel)
@@ -305,7 +296,7 @@ class Intake:
             # Still being written, or replaced while it was read: back to the gate, still to
             # be sent (the size counted for progress is the one seen first; a file growing
             # meanwhile makes the bytes a guess).
-            self.gate.offer(settled.path, st.st_size, st.st_mtime_ns)
+            self.gate.offer(where, st.st_size, st.st_mtime_ns)
             return None
         return _Checked(where, settled, seen)
 
@@ -384,7 +375,7 @@ class Intake:
 
 
 def _recorded_as_is(
-    settled: Settled, recorded: tuple[int, int, int | None, int | None] | None
+    settled: Settled[Location], recorded: tuple[int, int, int | None, int | None] | None
 ) -> bool:
     """Whether the ledger's row (its stamp) shows ``settled`` as it is: no need to read it.
 
@@ -396,7 +387,7 @@ def _recorded_as_is(
     if recorded[2] is None:
         return True  # a row from before ctime and inode were kept: size and mtime decide
     try:
-        st = os.stat(settled.path)
+        st = os.stat(settled.key.path)
     except OSError:
         return False  # _inspect says what is wrong
     return unchanged(recorded, *Stamp.of(st))

@@ -53,6 +53,11 @@ class Location:
     folder: str
     category: str
 
+    @property
+    def path(self) -> str:
+        """The file's path: its root joined with its relative path."""
+        return os.path.join(self.root, self.rel_path)
+
 
 @dataclass(frozen=True, slots=True)
 class Skip:
@@ -160,6 +165,11 @@ class Layout:
             sorted(((str(root), root) for root in self.roots), key=lambda p: -len(p[0]))
         )
         self.root_strings: frozenset[str] = frozenset(s for s, _ in self._root_strings)
+
+    def at(self, root: Path, rel_path: str) -> Location:
+        """The location of ``rel_path`` (POSIX-style, already accepted) below ``root``."""
+        folder = rel_path.split("/", 1)[0]
+        return Location(root, rel_path, folder, self.categories.get(folder, folder))
 
     def category_of(self, folder: str) -> str:
         """Return the category for a top-level folder name (after the override map)."""

@@ -29,7 +29,7 @@ from paiv_sync.connection import Connection
 from paiv_sync.dispatcher import Dispatcher
 from paiv_sync.heartbeats import Heartbeats
 from paiv_sync.intake import Intake
-from paiv_sync.layout import Layout
+from paiv_sync.layout import Layout, Location
 from paiv_sync.ledger import Ledger, LedgerWriteError
 from paiv_sync.ledgerhold import LEDGER_GIVE_UP, LedgerHold
 from paiv_sync.progress import ProgressCounter
@@ -221,7 +221,7 @@ class Pipeline:
             wake=lambda: inbox.put(WAKE_UP),
         )
 
-    def _intake_for(self, config: Config) -> tuple[Layout, StabilityGate, Intake]:
+    def _intake_for(self, config: Config) -> tuple[Layout, StabilityGate[Location], Intake]:
         """Layout, gate and intake for ``config`` (built anew at a reload)."""
         layout = Layout(
             config.folders,
@@ -229,7 +229,9 @@ class Pipeline:
             categories=config.categories,
             extensions=config.extensions,
         )
-        gate = StabilityGate(config.settle_time, self.clock, wall=time.time)
+        gate: StabilityGate[Location] = StabilityGate(
+            config.settle_time, self.clock, wall=time.time, path_of=lambda where: where.path
+        )
         intake = Intake(
             config,
             layout,

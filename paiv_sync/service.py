@@ -21,6 +21,7 @@ from pathlib import Path
 from paiv_sync import ledger as states
 from paiv_sync.config import Config, ConfigError, load_config
 from paiv_sync.heartbeats import Heartbeats, ping_watchdog
+from paiv_sync.layout import Location
 from paiv_sync.ledger import Ledger, LedgerError, LedgerMismatch, LedgerWriteError
 from paiv_sync.once import run_once
 from paiv_sync.pipeline import (
@@ -156,7 +157,7 @@ class Service:
         return self._pipeline.watcher if self._pipeline is not None else None
 
     @property
-    def gate(self) -> StabilityGate | None:
+    def gate(self) -> StabilityGate[Location] | None:
         """The stability gate (the files seen that have not settled yet) while it runs."""
         return self._pipeline.gate if self._pipeline is not None else None
 
