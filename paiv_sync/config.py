@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from paiv_sync.configread import (
     Report,
     Section,
     expand,
+    is_number,
     kind_of,
     read_bool,
     read_choice,
@@ -385,12 +385,7 @@ def _read_rescan_interval(top: Section) -> float:
     value = top.get("rescan_interval")
     if value is MISSING:
         return default
-    if (
-        isinstance(value, (int, float))
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and (value == 0 or value >= 10)
-    ):
+    if is_number(value) and (value == 0 or value >= 10):
         return float(value)
     top.error("rescan_interval", f"must be 0 (off) or a number of at least 10, got {shown(value)}")
     return default

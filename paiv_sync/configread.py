@@ -194,6 +194,11 @@ def read_int(sec: Section, name: str, low: int = 1, high: int | None = None) -> 
     return default
 
 
+def is_number(value: Any) -> bool:
+    """Whether ``value`` is a finite JSON number (``true`` and ``false`` are not numbers)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def read_number(
     sec: Section,
     name: str,
@@ -211,12 +216,7 @@ def read_number(
     value = sec.get(name)
     if value is MISSING:
         return default
-    if (
-        isinstance(value, (int, float))
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and (value > low if strict else value >= low)
-    ):
+    if is_number(value) and (value > low if strict else value >= low):
         return float(value)
     bound = f"greater than {low:g}" if strict else f"of at least {low:g}"
     sec.error(name, f"must be a number {bound}, got {shown(value)}")

@@ -183,7 +183,9 @@ def test_polling_still_sees_a_file_changed_in_place(root: Path, hints: Hints, ki
     # No close events when polling: a file rewritten in place shows only as "modified".
     path = write(root / "cat" / "old.jpg", b"first")
     with Watcher([root], hints, kind=kind, polling_interval=0.05):
-        time.sleep(0.2)  # a first snapshot that holds the old file
+        # A file seen by a poll after the start: the snapshot it was compared with, and so
+        # the one the next poll compares with, holds the old file.
+        hints.wait_for(write(root / "cat" / "sentinel.jpg"), timeout=5.0)
         hints.seen.clear()
         while not hints.queue.empty():
             hints.queue.get_nowait()

@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from paiv_sync.emulator import listing
+
 FILE_SORT_FIELDS = (
     "_id",
     "original_file_name",
@@ -280,3 +282,40 @@ class Task:
                 "loss": round(1.0 / (1 + iteration), 4),
             }
         ]
+
+
+def json_object(body: Any) -> dict[str, Any]:
+    """``body`` as a JSON object; raises ApiError 400 when it is not one."""
+    if not isinstance(body, dict):
+        raise bad_request("The request body must be a JSON object")
+    return body
+
+
+def required_name(body: Mapping[str, Any]) -> str:
+    """The body's ``name``; raises ApiError 400 unless it is a non-empty string."""
+    name = body.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise bad_request("name is required and must be a non-empty string")
+    return name
+
+
+def listed(
+    views: list[dict[str, Any]],
+    params: Mapping[str, str],
+    sortable: tuple[str, ...],
+    filters: tuple[str, ...] = (),
+    newest_first: bool = True,
+) -> list[dict[str, Any]]:
+    """``views`` sorted, filtered and paged as ``params`` ask; raises ApiError 400 on a bad
+    parameter."""
+    try:
+        return listing.apply(
+            views,
+            params,
+            sortable=sortable,
+            aliases={},
+            filters=filters,
+            newest_first=newest_first,
+        )
+    except listing.ListingError as exc:
+        raise bad_request(str(exc)) from exc

@@ -34,7 +34,6 @@ from paiv_sync.emulator.options import (
 from paiv_sync.emulator.records import (
     FILE_SORT_ALIASES,
     FILE_SORT_FIELDS,
-    TASK_SORT_FIELDS,
     ApiError,
     Category,
     Dataset,
@@ -44,25 +43,23 @@ from paiv_sync.emulator.records import (
     fail_body,
     file_fail,
     iso,
+    json_object,
+    listed,
     missing,
     new_id,
     not_found,
+    required_name,
     unauthorized,
 )
+from paiv_sync.emulator.training import TrainingRules
 from paiv_sync.emulator.uploads import UploadForm
 
 __all__ = ["ApiError", "EmulatorState", "bad_request", "fail_body", "not_found"]
 
 log = logging.getLogger(__name__)
 
-# MVI's documented minimum for classification training.
-MIN_CATEGORIES = 2
-MIN_IMAGES_PER_CATEGORY = 5
 # The form field of an upload whose JSON object is attached to every file of it [client].
 USER_METADATA_FIELD = "user-metadata"
-# How long after a task ends its status may answer the transient 500 [client].
-FINISHING_WINDOW = 1.0
-
 # Marks "argument not given" in set_options, where None is a meaningful value.
 _UNSET: Any = object()
 _RUNTIME_OPTIONS = (
@@ -75,7 +72,7 @@ _RUNTIME_OPTIONS = (
 )
 
 
-class EmulatorState:
+class EmulatorState(TrainingRules):
     """Datasets, categories, files, training tasks, credentials and counters, in memory.
 
     ``clock`` gives wall time (for timestamps), ``monotonic`` measures durations (token
@@ -173,7 +170,7 @@ class EmulatorState:
         """
         if self._options.api_key_mode:
             raise not_found()
-        body = _json_object(body)
+        body = json_object(body)
         if body.get("grant_type") != "password":
             raise bad_request('grant_type must be "password"')
         username, password = body.get("username"), body.get("password")
@@ -234,11 +231,11 @@ class EmulatorState:
         """``GET /datasets``: every dataset, newest first [client]."""
         with self._lock:
             views = [self._dataset_view(d) for d in self._datasets.values()]
-        return _listed(views, params or {}, ("_id", "name", "created_at", "total_file_count"))
+        return listed(views, params or {}, ("_id", "name", "created_at", "total_file_count"))
 
     def create_dataset(self, body: Any) -> dict[str, Any]:
         """``POST /datasets`` with ``{"name": N}``. Raises ApiError 400 on a bad body."""
-        name = _required_name(_json_object(body))
+        name = required_name(json_object(body))
         with self._lock:
             dataset = Dataset(id=new_id(), name=name, created_at=self._now())
             self._datasets[dataset.id] = dataset
@@ -276,7 +273,7 @@ class EmulatorState:
         """``GET /datasets/{id}/categories``, oldest first. Raises ApiError 404."""
         with self._lock:
             views = [c.api_view() for c in self._dataset(dataset_id).categories.values()]
-        return _listed(views, params or {}, ("_id", "name", "created_at"), newest_first=False)
+        return listed(views, params or {}, ("_id", "name", "created_at"), newest_first=False)
 
     def create_category(self, dataset_id: str, body: Any) -> dict[str, Any]:
         """``POST /datasets/{id}/categories`` with ``{"name": N}``.
@@ -284,7 +281,7 @@ class EmulatorState:
         Raises ApiError: 404 for an unknown dataset, 400 on a bad body or a name the dataset
         already has.
         """
-        name = _required_name(_json_object(body))
+        name = required_name(json_object(body))
         with self._lock:
             dataset = self._dataset(dataset_id)
             if dataset.category_named(name) is not None:
@@ -314,7 +311,7 @@ class EmulatorState:
 
     def category_action(self, dataset_id: str, category_id: str, body: Any) -> dict[str, Any]:
         """``POST …/categories/{cid}/action`` ``{"action": "calculate"}`` → its file count."""
-        body = _json_object(body)
+        body = json_object(body)
         if body.get("action") != "calculate":
             raise bad_request(f'action must be "calculate", got {body.get("action")!r}')
         with self._lock:
@@ -463,7 +460,7 @@ class EmulatorState:
 
     def add_user_metadata(self, dataset_id: str, file_id: str, body: Any) -> dict[str, Any]:
         """``POST …/files/{fid}/user-metadata`` with a JSON object: add or replace those keys."""
-        pairs = _json_object(body)
+        pairs = json_object(body)
         with self._lock:
             self._file(self._dataset(dataset_id), file_id).user_metadata.update(pairs)
         return {"result": "success"}
@@ -475,121 +472,6 @@ class EmulatorState:
         with self._lock:
             metadata = self._file(self._dataset(dataset_id), file_id).user_metadata
             return [k for k in body if metadata.pop(k, None) is not None]
-
-    # ---- training --------------------------------------------------------------------------
-
-    def create_task(self, body: Any) -> dict[str, Any]:
-        """``POST /dltasks``: start training a classification model.
-
-        Raises ApiError: 400 on a bad body, a ``pretrained_model`` that is not a trained task,
-        or a dataset below MVI's minimum (the fault says what is missing); 404 for an unknown
-        dataset.
-        """
-        body = _json_object(body)
-        name = _required_name(body)
-        dataset_id = body.get("dataset_id")
-        if not isinstance(dataset_id, str) or not dataset_id:
-            raise bad_request("dataset_id is required")
-        action = body.get("action")
-        usage = self._classification_usage(body.get("usage"), action)
-        pretrained = body.get("pretrained_model")
-        strategy = body.get("strategy")
-        nn_arch = body.get("nn_arch")
-        if pretrained is not None and not isinstance(pretrained, str):
-            raise bad_request("pretrained_model must be a task id")
-        if strategy is not None and not isinstance(strategy, dict):
-            raise bad_request("strategy must be an object")
-        if nn_arch is not None and not isinstance(nn_arch, str):
-            raise bad_request("nn_arch must be a string")
-        with self._lock:
-            dataset = self._dataset(dataset_id)
-            now = self._monotonic()
-            if pretrained:
-                base = self._tasks.get(pretrained)
-                if base is None:
-                    raise bad_request(f"pretrained_model {pretrained} is not a known model")
-                if base.status(now) != "trained":
-                    raise bad_request(
-                        f"pretrained_model {pretrained} is {base.status(now)}, not trained"
-                    )
-            shortfall = _training_shortfall(dataset)
-            if shortfall:
-                raise bad_request(shortfall)
-            task = Task(
-                id=new_id(),
-                name=name,
-                dataset_id=dataset_id,
-                usage=usage,
-                pretrained_model=pretrained or None,
-                strategy=strategy,
-                nn_arch=nn_arch,
-                created_at=self._now(),
-                ends=now + self.training_seconds,
-                outcome=self.training_outcome,
-                started=now,
-                action=action if isinstance(action, str) else None,
-            )
-            # MVI would queue or refuse a second training [guess]; we run it and count it.
-            running = 1 + sum(t.status(now) == "training" for t in self._tasks.values())
-            self._concurrent_trainings_max = max(self._concurrent_trainings_max, running)
-            self._tasks[task.id] = task
-        log.info("emulator: training task %s started on dataset %s", task.id, dataset_id)
-        return {"result": "success", "task_id": task.id}
-
-    def list_tasks(self, params: Mapping[str, str]) -> list[dict[str, Any]]:
-        """``GET /dltasks``, newest first [client], optionally only one ``status``."""
-        with self._lock:
-            now = self._monotonic()
-            views = [t.view(now) for t in self._tasks.values()]
-        return _listed(views, params, TASK_SORT_FIELDS, filters=("status", "dataset_id"))
-
-    def get_task(self, task_id: str) -> dict[str, Any]:
-        """``GET /dltasks/{id}``. Raises ApiError 404 for an unknown id, and now and then the
-        product's transient 500 just after the task finished."""
-        with self._lock:
-            task = self._task(task_id)
-            self._maybe_finishing_error(task)
-            return task.view(self._monotonic())
-
-    def task_status(self, task_id: str) -> dict[str, Any]:
-        """``GET /dltasks/{id}/status`` → ``{result, status, data: [{iter, total_iter, loss}]}``."""
-        with self._lock:
-            task = self._task(task_id)
-            self._maybe_finishing_error(task)
-            now = self._monotonic()
-            return {"result": "success", "status": task.status(now), "data": task.progress(now)}
-
-    def delete_task(self, task_id: str) -> dict[str, Any]:
-        """``DELETE /dltasks/{id}`` (a trained task is its model: it goes too)."""
-        with self._lock:
-            self._task(task_id)
-            del self._tasks[task_id]
-        log.info("emulator: deleted task %s", task_id)
-        return {"result": "success"}
-
-    def list_models(self, params: Mapping[str, str]) -> list[dict[str, Any]]:
-        """``GET /trained-models``: the tasks that trained, newest first; ids equal task ids."""
-        with self._lock:
-            now = self._monotonic()
-            views = [t.model_view() for t in self._tasks.values() if t.trained(now)]
-        return _listed(
-            views, params, TASK_SORT_FIELDS, filters=("usage", "production_status", "dataset_id")
-        )
-
-    def get_model(self, model_id: str) -> dict[str, Any]:
-        """``GET /trained-models/{id}``. Raises ApiError 404 when no trained model has that id."""
-        with self._lock:
-            task = self._tasks.get(model_id)
-            if task is None or not task.trained(self._monotonic()):
-                raise missing(f"Could not find trained model {model_id}")
-            return task.model_view()
-
-    def delete_model(self, model_id: str) -> dict[str, Any]:
-        """``DELETE /trained-models/{id}``."""
-        self.get_model(model_id)
-        with self._lock:
-            self._tasks.pop(model_id, None)
-        return {"result": "success"}
 
     # ---- introspection ---------------------------------------------------------------------
 
@@ -633,15 +515,6 @@ class EmulatorState:
                 "concurrent_trainings_max": self._concurrent_trainings_max,
             }
 
-    def finish_trainings(self) -> int:
-        """End every running training now (with its outcome); return how many there were."""
-        with self._lock:
-            now = self._monotonic()
-            running = [t for t in self._tasks.values() if t.status(now) == "training"]
-            for task in running:
-                self._tasks[task.id] = dataclasses.replace(task, ends=now)
-        return len(running)
-
     def count_product_fault(self, kind: str) -> None:
         """Count an answer the product gives and the client must handle (``locked``, …)."""
         with self._lock:
@@ -667,39 +540,8 @@ class EmulatorState:
             raise missing(f"Could not find file {file_id}")
         return found
 
-    def _task(self, task_id: str) -> Task:
-        task = self._tasks.get(task_id)
-        if task is None:
-            raise missing(f"Could not find task {task_id}")
-        return task
-
-    def _locked(self, dataset: Dataset) -> int:
-        now = self._monotonic()
-        tasks = self._tasks.values()
-        return int(any(t.dataset_id == dataset.id and t.status(now) == "training" for t in tasks))
-
     def _dataset_view(self, dataset: Dataset) -> dict[str, Any]:
         return dataset.api_view(locked=self._locked(dataset))
-
-    def _maybe_finishing_error(self, task: Task) -> None:
-        since_end = self._monotonic() - task.ends
-        draw = self._random.random()
-        if 0 <= since_end < FINISHING_WINDOW and draw < self.finishing_error_rate:
-            self._product_faults["finishing_500"] += 1
-            raise ApiError(500, fail_body("Internal server error"))
-
-    def _classification_usage(self, usage: object, action: object) -> str:
-        """``cic`` when the body asks for classification; raises ApiError 400 otherwise."""
-        strict = self._options.strict_tasks
-        if usage is None and action == "create" and not strict:
-            return "cic"  # IBM's older demo sends action without usage [client]
-        if usage != "cic":
-            raise bad_request(f'usage must be "cic" (classification), got {usage!r}')
-        if action is None and not strict:
-            return "cic"  # IBM's library sends usage without action [client]
-        if action != "create":
-            raise bad_request(f'action must be "create" for classification, got {action!r}')
-        return "cic"
 
     def _add_category(self, dataset: Dataset, name: str) -> Category:
         category = Category(id=new_id(), dataset_id=dataset.id, name=name, created_at=self._now())
@@ -714,45 +556,6 @@ class EmulatorState:
         return int(self._clock() * 1000)
 
 
-def _listed(
-    views: list[dict[str, Any]],
-    params: Mapping[str, str],
-    sortable: tuple[str, ...],
-    filters: tuple[str, ...] = (),
-    newest_first: bool = True,
-) -> list[dict[str, Any]]:
-    try:
-        return listing.apply(
-            views,
-            params,
-            sortable=sortable,
-            aliases={},
-            filters=filters,
-            newest_first=newest_first,
-        )
-    except listing.ListingError as exc:
-        raise bad_request(str(exc)) from exc
-
-
-def _training_shortfall(dataset: Dataset) -> str | None:
-    """Say what the dataset lacks for classification training, or None when it is enough."""
-    counts = dataset.image_counts()
-    enough = sum(n >= MIN_IMAGES_PER_CATEGORY for n in counts.values())
-    if enough >= MIN_CATEGORIES:
-        return None
-    details = "; ".join(
-        f"{dataset.categories[cid].name}: {n} image{'' if n == 1 else 's'}"
-        + (f", needs {MIN_IMAGES_PER_CATEGORY - n} more" if n < MIN_IMAGES_PER_CATEGORY else "")
-        for cid, n in counts.items()
-    )
-    missing_count = MIN_CATEGORIES - enough
-    return (
-        f"Training needs at least {MIN_CATEGORIES} categories with at least "
-        f"{MIN_IMAGES_PER_CATEGORY} images each; dataset {dataset.id} has {enough}, "
-        f"{missing_count} more needed ({details or 'no categories yet'})"
-    )
-
-
 def _user_metadata(raw: str | None) -> dict[str, Any]:
     """The ``user-metadata`` field: a JSON object. Raises ApiError 400 when it is not one."""
     if raw is None or not raw.strip():
@@ -764,16 +567,3 @@ def _user_metadata(raw: str | None) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise bad_request("user-metadata must be a JSON object of key/value pairs")
     return value
-
-
-def _json_object(body: Any) -> dict[str, Any]:
-    if not isinstance(body, dict):
-        raise bad_request("The request body must be a JSON object")
-    return body
-
-
-def _required_name(body: Mapping[str, Any]) -> str:
-    name = body.get("name")
-    if not isinstance(name, str) or not name.strip():
-        raise bad_request("name is required and must be a non-empty string")
-    return name
