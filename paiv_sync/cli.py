@@ -16,11 +16,14 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from paiv_sync import __version__
 from paiv_sync.config import Config, ConfigError, load_config
 from paiv_sync.progress import ProgressLine
+
+if TYPE_CHECKING:
+    from paiv_sync.ledger import Ledger
 
 log = logging.getLogger("paiv_sync")
 
@@ -379,6 +382,32 @@ def _retry(config: Config, *, rejected: bool) -> int:
     return EXIT_OK
 
 
+def _report_ruled_out(config: Config, ledger: Ledger) -> None:
+    """Say which pending files an ignore rule keeps out now (the next scan drops them)."""
+    from paiv_sync.layout import Layout, Skip
+
+    layout = Layout(
+        config.folders,
+        recursive=config.recursive,
+        categories=config.categories,
+        extensions=config.extensions,
+        ignore=config.ignore,
+    )
+    for root in layout.roots:
+        layout.rules.load(str(root))
+    ruled_out = [
+        (row, skip)
+        for row in ledger.pending()
+        if isinstance(skip := layout.locate(row.file_path), Skip) and skip.tell
+    ]
+    if ruled_out:
+        row, skip = ruled_out[0]
+        print(
+            f"ignored: {len(ruled_out)} pending files are kept out by an ignore rule now and "
+            f"will not be sent (first: {row.rel_path}, {skip.reason})"
+        )
+
+
 def _status(config: Config) -> int:
     from paiv_sync import ledger as states
     from paiv_sync.ledger import Ledger, LedgerError
@@ -406,6 +435,7 @@ def _status(config: Config) -> int:
         ledger.only_roots(str(Path(os.path.abspath(f))) for f in config.folders)  # noqa: PTH100
         for root, kept in sorted(ledger.kept_counts().items()):
             print(f"kept: {kept} files under {root}, no longer in folders: not sent")
+        _report_ruled_out(config, ledger)
         for rejected in ledger.rejected()[:50]:
             print(f"rejected: {rejected.rel_path}: {rejected.reason}")
         print(

@@ -42,6 +42,7 @@ from paiv_sync.configread import (
     strip_private,
 )
 from paiv_sync.credentials import normalize_base_url, read_credentials
+from paiv_sync.ignore import check_patterns
 
 __all__ = [
     "Config",
@@ -107,6 +108,7 @@ class Config:
     settle_time: float
     rescan_interval: float
     extensions: tuple[str, ...]
+    ignore: tuple[str, ...]
     max_file_size: int
     poll_interval: float
     observer: str
@@ -284,6 +286,7 @@ def _parse(
     settle_time = read_number(top, "settle_time")
     rescan_interval = _read_rescan_interval(top)
     extensions = _read_extensions(top)
+    ignore = _read_ignore(top)
     max_file_size = read_int(top, "max_file_size")
     poll_interval = read_number(top, "poll_interval", strict=True)
     observer = read_choice(top, "observer")
@@ -343,6 +346,7 @@ def _parse(
         settle_time=settle_time,
         rescan_interval=rescan_interval,
         extensions=extensions,
+        ignore=ignore,
         max_file_size=max_file_size,
         poll_interval=poll_interval,
         observer=observer,
@@ -412,6 +416,19 @@ def _read_extensions(top: Section) -> tuple[str, ...]:
         if ext not in result:
             result.append(ext)
     return tuple(result) if result else default
+
+
+def _read_ignore(top: Section) -> tuple[str, ...]:
+    """The ``ignore`` patterns (gitignore syntax), each checked on its own."""
+    value = top.get("ignore")
+    if value is MISSING:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
+        top.error("ignore", f'must be a list of patterns such as ["rejects/"], got {shown(value)}')
+        return ()
+    for index, why in check_patterns(value):
+        top.report.error(top.key(f"ignore[{index}]"), f"not a gitignore pattern ({why})")
+    return tuple(p for p in value if p.strip())
 
 
 def _read_folders(top: Section, base_dir: Path, env: Mapping[str, str]) -> tuple[Path, ...]:

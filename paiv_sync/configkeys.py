@@ -59,6 +59,7 @@ KEYS: Final[Mapping[str, Any]] = MappingProxyType(
         "settle_time": 2.0,
         "rescan_interval": 300.0,
         "extensions": DEFAULT_EXTENSIONS,
+        "ignore": ABSENT,  # gitignore patterns, below every root
         "max_file_size": 104857600,
         "poll_interval": 10.0,
         "observer": "auto",

@@ -22,6 +22,7 @@ from paiv_sync import reconcile
 from paiv_sync.batcher import Debouncer
 from paiv_sync.config import Config
 from paiv_sync.heartbeats import Heartbeats
+from paiv_sync.ignore import IGNORE_FILE
 from paiv_sync.images import Inspection, content_type, inspect_image
 from paiv_sync.layout import SKIP_EXTENSION, SKIP_IN_ROOT, Layout, Location, Skip, shown
 from paiv_sync.ledger import DUPLICATE, PENDING, Ledger, NewFile, Outcome
@@ -31,6 +32,9 @@ from paiv_sync.stability import Settled, StabilityGate
 from paiv_sync.stamps import Stamp, unchanged
 
 log = logging.getLogger(__name__)
+
+# How an event's path ends when it is a .paivignore file.
+_IGNORE_FILE_TAIL = os.sep + IGNORE_FILE
 
 # Rows given their ctime and inode per write while a scan goes through an older ledger.
 _FILL_BATCH = 5000
@@ -109,6 +113,9 @@ class Intake:
 
     def take_hint(self, path: str, is_dir: bool) -> None:
         """A path the watcher saw created, modified or moved in."""
+        if path.endswith(_IGNORE_FILE_TAIL):
+            self._ignore_file_changed(path)
+            return
         if is_dir:
             self.scan_subtree(Path(path))
             return
@@ -144,11 +151,38 @@ class Intake:
             self.gate.offer(found.location, found.size, found.mtime_ns)
 
     def _skip(self, path: str, skip: Skip) -> None:
-        if skip.warn and path not in self._warned:
+        if (skip.warn or skip.tell) and path not in self._warned:
             if len(self._warned) > 100_000:
                 self._warned.clear()
             self._warned.add(path)
-            log.warning("%s skipped: %s", shown(path), skip.reason)
+            log.log(
+                logging.WARNING if skip.warn else logging.INFO,
+                "%s skipped: %s",
+                shown(path),
+                skip.reason,
+            )
+
+    def _ignore_file_changed(self, path: str) -> None:
+        """A .paivignore was written or removed: read the root's rules again, and look at the
+        folder anew (a rule taken out lets in what it kept out)."""
+        root = self.layout.root_of(path)
+        if root is None:
+            return
+        root_text = str(root)
+        self.layout.rules.load(root_text)
+        folder = os.path.dirname(path)  # noqa: PTH120 - an event's path string
+        prefix = "" if folder == root_text else os.path.relpath(folder, root_text) + "/"
+        ruled_out = [
+            rel
+            for rel, _, _, state, _, _ in self.ledger.iter_stats(root_text)
+            if state == PENDING
+            and rel.startswith(prefix)
+            and isinstance(self.layout.locate(os.path.join(root_text, rel)), Skip)
+        ]
+        for rel in ruled_out:  # not sent: the next dispatch would not wait for the rescan
+            self.forget(root_text, rel, still_there=True)
+        if os.path.isdir(folder):  # noqa: PTH112
+            self.scan_subtree(Path(folder))
 
     def _on_scan_skip(self, path: Path, skip: Skip) -> None:
         if skip is SKIP_NOT_REGULAR and self.layout.classify_name(path.name) is None:
@@ -166,6 +200,7 @@ class Intake:
         """
         ledger = self.ledger
         root_text = str(root)
+        self.layout.rules.load(root_text)  # a .paivignore changed while no one watched
 
         def walk() -> Iterator[reconcile.Found]:
             found = scan_stats(
@@ -203,7 +238,7 @@ class Intake:
         ledger.fill_stamps(root_text, fills)
         if root.is_dir():  # vanished during the scan: do not take its files for deleted
             for rel in gone:
-                self.forget(root_text, rel)
+                self.forget(root_text, rel, still_there=os.path.lexists(os.path.join(root, rel)))
         return offered
 
     def scan_subtree(self, path: Path) -> None:
@@ -222,13 +257,21 @@ class Intake:
                 continue
             self.gate.offer(loc, found.size, found.mtime_ns)
 
-    def forget(self, root: str, rel: str) -> None:
-        """A file deleted before its upload: its pending row goes."""
+    def forget(self, root: str, rel: str, *, still_there: bool = False) -> None:
+        """A file deleted before its upload (or, ``still_there``, one a scan no longer takes:
+        an ignore rule made since): its pending row goes."""
         row = self.ledger.lookup(root, rel)
         if row is not None and row.state == PENDING and self.ledger.forget(row.id):
             self._changed()
             self._nothing_to_send(row.size)  # it was counted as a pending row
-            log.warning("%s was deleted before upload; forgotten", rel)
+            if still_there:
+                log.warning(
+                    "%s is no longer taken (an ignore rule or the configuration keeps it out); "
+                    "it will not be uploaded",
+                    rel,
+                )
+            else:
+                log.warning("%s was deleted before upload; forgotten", rel)
 
     # -- admitting settled files ---------------------------------------------------------
 

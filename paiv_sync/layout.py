@@ -13,6 +13,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from paiv_sync.ignore import ARTEFACTS, IgnoreRules, artefact
+
 __all__ = [
     "DEFAULT_EXTENSIONS",
     "IGNORED_NAMES",
@@ -26,8 +28,10 @@ __all__ = [
     "Layout",
     "Location",
     "Skip",
+    "ignored_skip",
     "is_ignored_name",
     "is_undecodable",
+    "rule_skip",
     "shown",
 ]
 
@@ -70,6 +74,7 @@ class Skip:
 
     reason: str
     warn: bool
+    tell: bool = False  # an ignore rule matched: said once, at INFO, with the rule
 
 
 # Skips are frozen values, so one instance of each is shared instead of building one per file.
@@ -111,7 +116,8 @@ def is_ignored_name(name: str) -> bool:
     """Tell whether one path component is hidden, temporary or system metadata.
 
     Takes a single name (no separators). Returns True for ``.*``, ``*~``, ``*.tmp``, ``*.part``,
-    ``*.crdownload``, ``*.swp``, ``Thumbs.db`` and ``desktop.ini`` (the last five compared
+    ``*.crdownload``, ``*.swp`` and the system and NAS artefacts of paiv_sync.ignore
+    (``Thumbs.db``, ``@eaDir``, ``$RECYCLE.BIN`` …; the suffixes and names compared
     case-insensitively); False otherwise, including for the empty string.
     """
     if not name:
@@ -119,7 +125,29 @@ def is_ignored_name(name: str) -> bool:
     if name[0] == "." or name[-1] == "~":
         return True
     lower = name.lower()
-    return lower.endswith(IGNORED_SUFFIXES) or lower in IGNORED_NAMES
+    return lower.endswith(IGNORED_SUFFIXES) or lower in IGNORED_NAMES or lower in ARTEFACTS
+
+
+_artefact_skips: dict[str, Skip] = {}
+
+
+def ignored_skip(name: str) -> Skip:
+    """The Skip for a name :func:`is_ignored_name` ignores: one that names the built-in rule
+    for a system or NAS artefact (said once, at INFO), else the quiet SKIP_IGNORED."""
+    rule = artefact(name)
+    if rule is None:
+        return SKIP_IGNORED
+    skip = _artefact_skips.get(rule)
+    if skip is None:
+        if len(_artefact_skips) > 1000:
+            _artefact_skips.clear()
+        skip = _artefact_skips[rule] = Skip(f"ignored: {rule}, a built-in rule", False, True)
+    return skip
+
+
+def rule_skip(rule: str) -> Skip:
+    """The Skip for a path one of the user's ignore rules matched (said once, at INFO)."""
+    return Skip(f"ignored by {rule}", warn=False, tell=True)
 
 
 def _normalise_extension(extension: str) -> str:
@@ -145,6 +173,7 @@ class Layout:
         recursive: bool,
         categories: Mapping[str, str],
         extensions: Sequence[str] = DEFAULT_EXTENSIONS,
+        ignore: Sequence[str] = (),
     ) -> None:
         # abspath, not Path.resolve: roots stay "as configured" (symbolic links kept), only
         # made absolute and normalised, so they match the paths watchdog reports.
@@ -165,6 +194,8 @@ class Layout:
             sorted(((str(root), root) for root in self.roots), key=lambda p: -len(p[0]))
         )
         self.root_strings: frozenset[str] = frozenset(s for s, _ in self._root_strings)
+        # The user's ignore rules; their .paivignore files are read by IgnoreRules.load.
+        self.rules = IgnoreRules(ignore)
 
     def at(self, root: Path, rel_path: str) -> Location:
         """The location of ``rel_path`` (POSIX-style, already accepted) below ``root``."""
@@ -233,7 +264,7 @@ class Layout:
         root, parts = found
         for part in parts:
             if is_ignored_name(part):
-                return SKIP_IGNORED
+                return ignored_skip(part)
         for part in parts:
             if is_undecodable(part):
                 return SKIP_UNDECODABLE
@@ -243,5 +274,10 @@ class Layout:
             return SKIP_IN_ROOT
         if len(parts) > 2 and not self.recursive:
             return SKIP_NESTED
+        rel_path = "/".join(parts)
+        if self.rules.active:
+            rule = self.rules.match(str(root), rel_path, is_dir=False)
+            if rule is not None:
+                return rule_skip(rule)
         folder = parts[0]
-        return Location(root, "/".join(parts), folder, self.categories.get(folder, folder))
+        return Location(root, rel_path, folder, self.categories.get(folder, folder))

@@ -228,7 +228,10 @@ class Pipeline:
             recursive=config.recursive,
             categories=config.categories,
             extensions=config.extensions,
+            ignore=config.ignore,
         )
+        for root in layout.roots:
+            layout.rules.load(str(root))  # before any event is taken: the scan loads again
         gate: StabilityGate[Location] = StabilityGate(
             config.settle_time, self.clock, wall=time.time, path_of=lambda where: where.path
         )

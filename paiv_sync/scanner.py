@@ -24,7 +24,6 @@ from typing import Any
 from paiv_sync.layout import (
     IGNORED_NAMES,
     SKIP_EXTENSION,
-    SKIP_IGNORED,
     SKIP_IN_ROOT,
     SKIP_NESTED,
     SKIP_OUTSIDE,
@@ -32,8 +31,10 @@ from paiv_sync.layout import (
     Layout,
     Location,
     Skip,
+    ignored_skip,
     is_ignored_name,
     is_undecodable,
+    rule_skip,
 )
 
 __all__ = [
@@ -131,10 +132,16 @@ class _Walk:
     def child_dir(self, parent: _Dir, name: str, path: str) -> _Dir | None:
         """The stack entry for a subdirectory, or None when it must not be walked."""
         if is_ignored_name(name):
-            self.skip(path, SKIP_IGNORED)
+            self.skip(path, ignored_skip(name))
             return None
         if path in self.layout.root_strings:
             return None  # another configured root nested here: it is scanned as itself
+        rules = self.layout.rules
+        if rules.active:
+            rule = rules.match(self.root_text, parent.prefix + name, is_dir=True, parents=False)
+            if rule is not None:
+                self.skip(path, rule_skip(rule))
+                return None
         if parent.depth == 0:
             return _Dir(path, name + "/", name, self.layout.category_of(name), 1)
         if not self.layout.recursive:
@@ -178,8 +185,19 @@ class _Walk:
         if why is not None:
             self.skip(path, why)
             return None
+        rule = self.ignored_file(parent.prefix + name)
+        if rule is not None:
+            self.skip(path, rule_skip(rule))
+            return None
         location = Location(self.root, parent.prefix + name, parent.folder, parent.category)
         return Found(location, info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino)
+
+    def ignored_file(self, rel_path: str) -> str | None:
+        """The user's rule that ignores the file ``rel_path`` (its folders were looked at)."""
+        rules = self.layout.rules
+        if not rules.active:
+            return None
+        return rules.match(self.root_text, rel_path, is_dir=False, parents=False)
 
     def list_dir(self, directory: _Dir) -> list[os.DirEntry[str]] | None:
         """List a directory in walk order; None (after a WARNING) when it cannot be read.
@@ -260,6 +278,7 @@ class _Walk:
         extensions = self.layout.extensions
         root = self.root
         ignored_name_extensions = _IGNORED_NAME_EXTENSIONS
+        rules_active = self.layout.rules.active
         follow = self.follow_symlinks
         started = time.monotonic()
         count = 0
@@ -283,7 +302,7 @@ class _Walk:
                 name = entry.name
                 try:
                     if name[0] == "." or name[-1] == "~":
-                        self.skip(entry.path, SKIP_IGNORED)
+                        self.skip(entry.path, ignored_skip(name))
                     elif entry.is_file(follow_symlinks=False):
                         if depth == 0:
                             self.file_in_root(name, entry.path)
@@ -298,6 +317,11 @@ class _Walk:
                                     entry.path, self.layout.classify_name(name) or SKIP_EXTENSION
                                 )
                             continue
+                        if rules_active:
+                            rule = self.ignored_file(prefix + name)
+                            if rule is not None:
+                                self.skip(entry.path, rule_skip(rule))
+                                continue
                         try:
                             info = entry.stat(follow_symlinks=False)
                         except FileNotFoundError:
@@ -405,11 +429,17 @@ def _start_dir(walk: _Walk, layout: Layout, parts: list[str], start: str) -> _Di
     """Prepare a scan of the subtree ``start`` (a folder or a single file below a root)."""
     for part in parts:
         if is_ignored_name(part):
-            walk.skip(start, SKIP_IGNORED)
+            walk.skip(start, ignored_skip(part))
             return None
     for part in parts:
         if is_undecodable(part):
             walk.skip(start, SKIP_UNDECODABLE)
+            return None
+    if len(parts) > 1 and layout.rules.active:
+        # The folders above it, as a walk from the root would have looked at them.
+        rule = layout.rules.match(walk.root_text, "/".join(parts[:-1]), is_dir=True)
+        if rule is not None:
+            walk.skip(start, rule_skip(rule))
             return None
     try:
         info = os.stat(start, follow_symlinks=False)

@@ -440,3 +440,38 @@ def test_retry_puts_rejected_files_back_in_line(tmp_path: Path, emulator: Emulat
     with Ledger(ledger_path, readonly=True) as ledger:
         assert [r.rel_path for r in ledger.pending()] == ["forest/failed.png", "forest/refused.png"]
         assert ledger.rejected() == []
+
+
+def test_status_says_which_pending_files_an_ignore_rule_keeps_out(
+    emulator: Emulator, tree: Path
+) -> None:
+    from paiv_sync.ledger import Ledger
+
+    data = base_config(emulator, tree)
+    for i, rel in enumerate(("forest/a.png", "forest/rejects/b.png", "city/c.png")):
+        write_image(tree / rel, i)
+    with Ledger(Path(data["ledger"])) as ledger:  # pending, as an older run left them
+        for i, rel in enumerate(("forest/a.png", "forest/rejects/b.png", "city/c.png")):
+            ledger.record(
+                root=str(tree),
+                rel_path=rel,
+                category=rel.split("/")[0],
+                size=1,
+                mtime_ns=1,
+                sha256=f"h{i}",
+                content_type="image/png",
+                skip_duplicates=False,
+            )
+    (tree / "city" / ".paivignore").write_text("c.png\n")
+    data["ignore"] = ["rejects/"]
+    config = write_config(tree.parent / "configuration.json", data)
+    status = paiv("status", "--config", str(config))
+    assert status.returncode == 0, status.stderr
+    said = next(line for line in status.stdout.splitlines() if line.startswith("ignored:"))
+    assert said.startswith(
+        "ignored: 2 pending files are kept out by an ignore rule now and will not be sent (first: "
+    )
+    assert (
+        'forest/rejects/b.png, ignored by "rejects/" in ignore)' in said
+        or f'city/c.png, ignored by "c.png" in {tree / "city" / ".paivignore"})' in said
+    )

@@ -770,3 +770,18 @@ def test_defaults_come_from_the_table(images: Path, env: dict[str, str]) -> None
     assert config.extensions == KEYS["extensions"]
     assert config.retry_maximum == KEYS["retry.maximum"]
     assert config.timeout == KEYS["credentials.timeout"]
+
+
+def test_ignore_patterns_are_checked(images: Path, env: dict[str, str]) -> None:
+    data = seed(images)
+    data["ignore"] = ["rejects/", "", "*_raw.png"]
+    assert parse_config(data, source=None, env=env).ignore == ("rejects/", "*_raw.png")
+    data["ignore"] = ["ok/", "!"]
+    assert problems(data, env) == [
+        "configuration.json: ignore[1]: not a gitignore pattern (Invalid git pattern: '!')"
+    ]
+    data["ignore"] = "rejects/"
+    assert problems(data, env) == [
+        'configuration.json: ignore: must be a list of patterns such as ["rejects/"], '
+        'got "rejects/"'
+    ]

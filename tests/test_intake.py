@@ -8,6 +8,7 @@ uploads) is tested end to end elsewhere.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import threading
 import time
@@ -68,6 +69,12 @@ class _Parts:
 
 @pytest.fixture
 def parts(root: Path) -> Iterator[_Parts]:
+    made = _make(root)
+    yield made
+    made.ledger.close()
+
+
+def _make(root: Path, ignore: tuple[str, ...] = ()) -> _Parts:
     data = {
         "credentials": {"endpoint": "http://127.0.0.1:9/api", "username": "u", "password": "p"},
         "threshold": {"upload": 3, "training": 1000},
@@ -83,7 +90,9 @@ def parts(root: Path) -> Iterator[_Parts]:
     config: Config = parse_config(data, source=None, env={})
     clock = _Clock()
     ledger = Ledger(config.ledger_path)
-    layout = Layout(config.folders, recursive=True, categories={}, extensions=config.extensions)
+    layout = Layout(
+        config.folders, recursive=True, categories={}, extensions=config.extensions, ignore=ignore
+    )
     # The wall clock lies far in the past, so that no file written now looks long settled.
     gate: StabilityGate[Location] = StabilityGate(
         SETTLE, clock, wall=lambda: 0.0, path_of=lambda where: where.path
@@ -107,8 +116,7 @@ def parts(root: Path) -> Iterator[_Parts]:
         changed=lambda: None,
         between_slices=lambda: slices.append(len(gate)),
     )
-    yield _Parts(config.folders[0], clock, ledger, gate, intake, summary, pending, slices)
-    ledger.close()
+    return _Parts(config.folders[0], clock, ledger, gate, intake, summary, pending, slices)
 
 
 def _png(path: Path, seed: int) -> bytes:
@@ -256,3 +264,57 @@ def test_files_of_the_gate_are_keyed_by_their_location_not_located_again(parts: 
     assert len(parts.gate) == 1
     where = Location(parts.root, "forest/a.png", "forest", "forest")
     assert where in parts.gate and where.path == str(path)
+
+
+def test_nas_and_system_artefacts_are_never_taken_and_said_once(
+    parts: _Parts, caplog: pytest.LogCaptureFixture
+) -> None:
+    _png(parts.root / "forest" / "a.png", 1)
+    for i in range(3):  # a Synology's thumbnails of each image, a recycle bin, macOS metadata
+        _png(parts.root / "forest" / "@eaDir" / "a.png" / f"SYNOPHOTO_THUMB_{i}.png", 10 + i)
+    _png(parts.root / "#recycle" / "forest" / "old.png", 20)
+    _png(parts.root / "forest" / "._a.png", 21)
+    _png(parts.root / "lost+found" / "x" / "y.png", 22)
+    caplog.set_level(logging.INFO, logger="paiv_sync")
+    for _ in range(2):  # the start-up scan and a rescan
+        parts.intake.scan_root(parts.root)
+        parts.settle()
+    assert parts.rows() == {"forest/a.png": (states.PENDING, None)}
+    said = [r.getMessage() for r in caplog.records if "built-in rule" in r.getMessage()]
+    assert len(said) == 4, said  # @eaDir, #recycle, ._a.png, lost+found: each once
+    assert any('"@eaDir" (Synology thumbnails)' in line for line in said)
+    assert all(r.levelno == logging.INFO for r in caplog.records if "built-in rule" in r.msg)
+
+
+def test_ignore_patterns_and_paivignore_files_keep_files_out(root: Path) -> None:
+    made = _make(root, ignore=("rejects/", "*_raw.png"))
+    try:
+        _png(root / "forest" / "a.png", 1)
+        _png(root / "forest" / "rejects" / "b.png", 2)
+        _png(root / "city" / "c_raw.png", 3)
+        _png(root / "city" / "blurry" / "d.png", 4)
+        _png(root / "city" / "e.png", 5)
+        made.intake.scan_root(made.root)
+        made.settle()
+        assert set(made.rows()) == {"forest/a.png", "city/blurry/d.png", "city/e.png"}
+        # A .paivignore written later: what it names and is still pending is not sent.
+        (root / "city" / ".paivignore").write_text("blurry/\n")
+        made.intake.take_hint(str(root / "city" / ".paivignore"), False)
+        assert set(made.rows()) == {"forest/a.png", "city/e.png"}, "pending until a rescan"
+        _png(root / "city" / "blurry" / "f.png", 6)
+        made.intake.take_hint(str(root / "city" / "blurry" / "f.png"), False)
+        made.intake.scan_root(made.root)
+        made.settle()
+        assert set(made.rows()) == {"forest/a.png", "city/e.png"}
+        # And taken out again: the folder is looked at anew at once.
+        (root / "city" / ".paivignore").unlink()
+        made.intake.take_hint(str(root / "city" / ".paivignore"), False)
+        made.settle()
+        assert set(made.rows()) == {
+            "forest/a.png",
+            "city/e.png",
+            "city/blurry/d.png",
+            "city/blurry/f.png",
+        }
+    finally:
+        made.ledger.close()

@@ -41,8 +41,31 @@ CASES: list[tuple[str, bool, Location | Skip]] = [
     ("/data/images/forest/img.jpg.part", True, Skip(IGNORED, False)),
     ("/data/images/forest/img.jpg.crdownload", True, Skip(IGNORED, False)),
     ("/data/images/forest/.img.jpg.swp", True, Skip(IGNORED, False)),
-    ("/data/images/forest/Thumbs.db", True, Skip(IGNORED, False)),
-    ("/data/images/forest/desktop.ini", True, Skip(IGNORED, False)),
+    (
+        "/data/images/forest/Thumbs.db",
+        True,
+        Skip('ignored: "Thumbs.db" (Windows thumbnails), a built-in rule', False, True),
+    ),
+    (
+        "/data/images/forest/desktop.ini",
+        True,
+        Skip('ignored: "desktop.ini" (Windows folder settings), a built-in rule', False, True),
+    ),
+    (
+        "/data/images/forest/@eaDir/img.jpg",
+        True,
+        Skip('ignored: "@eaDir" (Synology thumbnails), a built-in rule', False, True),
+    ),
+    (
+        "/data/images/#recycle/forest/img.jpg",
+        True,
+        Skip('ignored: "#recycle" (a NAS recycle bin), a built-in rule', False, True),
+    ),
+    (
+        "/data/images/forest/._img.jpg",
+        True,
+        Skip('ignored: "._*" (macOS metadata beside a file), a built-in rule', False, True),
+    ),
     ("/data/images/forest/old~/img.jpg", True, Skip(IGNORED, False)),
     (
         "/data/images/forest/IMG_0001.JPG",
@@ -131,7 +154,51 @@ def test_relative_roots_are_made_absolute(tmp_path: Path, monkeypatch: pytest.Mo
         ("tmp", False),
         ("part.jpg", False),
         ("", False),
+        ("@eaDir", True),
+        ("$RECYCLE.BIN", True),
+        ("System Volume Information", True),
+        ("lost+found", True),
+        ("#snapshot", True),
+        ("recycle", False),
     ],
 )
 def test_is_ignored_name(name: str, ignored: bool) -> None:
     assert is_ignored_name(name) is ignored
+
+
+def test_the_users_ignore_patterns_apply_below_every_root() -> None:
+    layout = Layout(
+        [ROOT, OTHER],
+        recursive=True,
+        categories={},
+        ignore=["rejects/", "draft_*", "!draft_keep.jpg", "/city/old/"],
+    )
+    skip = layout.locate("/data/images/forest/rejects/a.jpg")
+    assert skip == Skip('ignored by "rejects/" in ignore', False, True)
+    assert layout.locate("/srv/other root/sea/draft_1.png") == Skip(
+        'ignored by "draft_*" in ignore', False, True
+    )
+    assert isinstance(layout.locate("/data/images/forest/draft_keep.jpg"), Location)
+    assert isinstance(layout.locate("/data/images/forest/city/old/a.jpg"), Location)
+    assert isinstance(layout.locate("/data/images/city/old/a.jpg"), Skip)
+    # As in git, a file in an ignored folder is not taken back by a later "!" pattern.
+    kept_out = Layout([ROOT], recursive=True, categories={}, ignore=["rejects/", "!keep.jpg"])
+    assert isinstance(kept_out.locate("/data/images/forest/rejects/keep.jpg"), Skip)
+
+
+def test_paivignore_files_apply_below_their_folder(tmp_path: Path) -> None:
+    root = tmp_path / "images"
+    (root / "forest").mkdir(parents=True)
+    (root / "city").mkdir()
+    (root / ".paivignore").write_text("# taken from the camera station\n*_raw.png\n")
+    (root / "forest" / ".paivignore").write_text("blurry/\n")
+    layout = Layout([root], recursive=True, categories={})
+    layout.rules.load(str(root))
+    assert isinstance(layout.locate(root / "city" / "a_raw.png"), Skip)
+    assert layout.locate(root / "forest" / "blurry" / "a.png") == Skip(
+        f'ignored by "blurry/" in {root / "forest" / ".paivignore"}', False, True
+    )
+    assert isinstance(layout.locate(root / "city" / "blurry" / "a.png"), Location)
+    (root / "forest" / ".paivignore").unlink()
+    layout.rules.load(str(root))
+    assert isinstance(layout.locate(root / "forest" / "blurry" / "a.png"), Location)

@@ -349,3 +349,38 @@ def test_ledger_survives_and_in_doubt_rows_resolve(emulator: Emulator, root: Pat
         assert ledger2 is not None
         wait_until(lambda: ledger2.counts()["forest"]["uploaded"] == 2, timeout=15)
     assert server_count(emulator) == 2
+
+
+def test_a_nas_share_sends_only_its_images_with_ignore_rules(
+    emulator: Emulator, root: Path
+) -> None:
+    # A Synology share as users have it: thumbnails in @eaDir beside the images, a recycle
+    # bin in the root; and the user's own rules, in the configuration and a .paivignore.
+    expected = {}
+    for i in range(3):
+        expected[("forest", sha(write_image(root / "forest" / f"f{i}.png", i)))] = 1
+        write_image(root / "forest" / "@eaDir" / f"f{i}.png" / "SYNOPHOTO_THUMB_S.png", 50 + i)
+    write_image(root / "#recycle" / "forest" / "deleted.png", 60)
+    write_image(root / "forest" / "rejects" / "r.png", 61)
+    (root / "city" / ".paivignore").write_text("*_raw.png\n")
+    write_image(root / "city" / "c_raw.png", 62)
+    config = config_for(
+        emulator, root, threshold={"upload": 1, "training": 1000}, ignore=["rejects/"]
+    )
+    with running(config) as runner:
+        wait_until(lambda: server_count(emulator) >= 3, timeout=20)
+        # While it runs, the watcher's events meet the same rules; a real image written
+        # after the ignored ones, in the same folder, is the sign that they were looked at.
+        write_image(root / "forest" / "@eaDir" / "late.png" / "SYNOPHOTO_THUMB_M.png", 70)
+        write_image(root / "forest" / "rejects" / "late.png", 71)
+        write_image(root / "city" / "late_raw.png", 72)
+        expected[("city", sha(write_image(root / "city" / "late.png", 73)))] = 1
+        wait_until(lambda: server_count(emulator) >= 4, timeout=20)
+        ledger = runner.service.ledger
+        assert ledger is not None
+        wait_until(lambda: not ledger.pending_counts(), timeout=10)
+        recorded = {rel for rel, *_ in ledger.iter_stats(str(root))}
+    assert dict(server_files(emulator)) == expected
+    assert recorded == {"forest/f0.png", "forest/f1.png", "forest/f2.png", "city/late.png"}
+    categories = {c["name"] for d in emulator.state()["datasets"] for c in d["categories"]}
+    assert categories == {"forest", "city"}
