@@ -125,6 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="reconcile, upload everything pending (ignoring the upload "
         "threshold), start a training if due, and exit",
     )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="say per category what a run (with --once: a --once run) would upload, what the "
+        "dataset already holds, what would be rejected and whether a training would start; "
+        "upload, request and record nothing",
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     check = commands.add_parser("check", help="validate the configuration and try the server")
     _common(check, suppress=True)
@@ -149,6 +156,36 @@ def build_parser() -> argparse.ArgumentParser:
     _common(retry, suppress=True)
     demo = commands.add_parser("demo", help="a self-contained run against the built-in emulator")
     _common(demo, suppress=True)
+    init = commands.add_parser(
+        "init",
+        help="write a starting configuration (mode 600) to fill in",
+        description="Write a starting configuration, every optional key shown and commented "
+        "out, with what the options give filled in. It never overwrites a file. Secrets are "
+        "not taken on the command line: put the password in the file, in $PAIV_PASSWORD or in "
+        "a password_file.",
+        epilog="example: paiv-sync init --endpoint https://mvi.example.com/api --username "
+        "admin --dataset parts --folder /data/images",
+    )
+    init.add_argument(
+        "path",
+        nargs="?",
+        type=Path,
+        default=Path("configuration.json"),
+        help="where to write it (default: ./configuration.json)",
+    )
+    init.add_argument("--endpoint", help="the server's URL, e.g. https://host/powerai-vision")
+    init.add_argument("--username", help="the user name (password login)")
+    init.add_argument(
+        "--api-key", action="store_true", help="log in with an API key (MVI 8.x) instead"
+    )
+    init.add_argument("--dataset", help="the dataset's name (the model is named after it)")
+    init.add_argument(
+        "--folder",
+        action="append",
+        default=[],
+        help="a root folder with one folder per category (repeat for more)",
+    )
+    _common(init, suppress=True)
     service = commands.add_parser(
         "service", help="print a systemd unit or launchd agent filled in for this installation"
     )
@@ -174,28 +211,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         from paiv_sync.demo import run_demo
 
         return run_demo()
-    if args.command == "service":
+    if args.command == "init":
+        return _init(args)
+    if args.config is None:
+        from paiv_sync.init import find_config
+
+        args.config, said = find_config(os.environ, Path.cwd())
         if args.config is None:
-            print("paiv-sync: error: service needs --config PATH", file=sys.stderr)
+            print(
+                f"paiv-sync: {said}; give --config PATH, or write one with: paiv-sync init "
+                "(or try: paiv-sync demo)",
+                file=sys.stderr,
+            )
             return EXIT_USAGE
+        log.info("%s", said)
+    if args.command == "service":
         from paiv_sync.servicefiles import service_command
 
         return service_command(args.kind, args.config)
-    if args.config is None:
-        parser.print_usage(sys.stderr)
-        print(
-            "paiv-sync: error: --config PATH is required (or try: paiv-sync demo)", file=sys.stderr
-        )
+    config = _load(args.config)
+    if config is None:
         return EXIT_USAGE
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        for line in exc.warnings if hasattr(exc, "warnings") else ():
-            print(line, file=sys.stderr)
-        print(str(exc), file=sys.stderr)
-        return EXIT_USAGE
-    for warning in config.warnings:
-        log.warning("%s", warning)
+    if args.dry_run:
+        if args.command is not None:
+            print(f"paiv-sync: error: --dry-run is not for {args.command}", file=sys.stderr)
+            return EXIT_USAGE
+        from paiv_sync.dryrun import dry_run
+
+        return dry_run(config, once=args.once, out=sys.stdout)
     if args.command == "check":
         return _check(config)
     if args.command == "status":
@@ -206,6 +249,49 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _retry(config, rejected=args.rejected)
     port = args.health_port if args.health_port is not None else config.health_port
     return _run(config, once=args.once, health_port=port)
+
+
+def _load(path: Path) -> Config | None:
+    """The configuration at ``path``, its warnings logged; None after saying what is wrong."""
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        for line in exc.warnings:
+            print(line, file=sys.stderr)
+        print(str(exc), file=sys.stderr)
+        return None
+    for warning in config.warnings:
+        log.warning("%s", warning)
+    return config
+
+
+def _init(args: argparse.Namespace) -> int:
+    from paiv_sync.init import starting_config, write_config
+
+    path: Path = args.path
+    data = starting_config(
+        endpoint=args.endpoint,
+        username=args.username,
+        dataset=args.dataset,
+        folders=args.folder,
+        api_key_mode=args.api_key,
+    )
+    try:
+        write_config(path, data)
+    except FileExistsError:
+        print(f"paiv-sync init: {path} exists; not overwritten", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:
+        print(f"paiv-sync init: cannot write {path}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_FAILED
+    secret = "API key" if args.api_key else "password"
+    print(f"wrote {path} (only you can read it)")
+    print(
+        "next: replace what still holds a <placeholder>, put the "
+        f"{secret} in it (or in ${'PAIV_API_KEY' if args.api_key else 'PAIV_PASSWORD'}), "
+        f"then run: paiv-sync check --config {path}"
+    )
+    return EXIT_OK
 
 
 class _ClearProgress(logging.Filter):

@@ -27,11 +27,13 @@ from typing import Any, Final
 
 from paiv_sync.configread import (
     MISSING,
+    PLACEHOLDER,
     JsonObject,
     Report,
     Section,
     expand,
     is_number,
+    json_problems,
     kind_of,
     read_bool,
     read_choice,
@@ -40,6 +42,7 @@ from paiv_sync.configread import (
     read_string,
     shown,
     strip_private,
+    take_out_placeholders,
 )
 from paiv_sync.credentials import normalize_base_url, read_credentials
 from paiv_sync.ignore import check_patterns
@@ -54,6 +57,19 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+# Keys whose readers check for a template placeholder themselves: the endpoint (its message
+# says more), and the user name and secrets (a later source of the secret may override).
+_OWN_PLACEHOLDER_CHECK: Final = frozenset(
+    (
+        "credentials.endpoint",
+        "credentials.username",
+        "credentials.password",
+        "credentials.api_key",
+        "credentials.password_file",
+        "credentials.api_key_file",
+    )
+)
 
 # The label used in messages when the data did not come from a file.
 _NO_FILE_LABEL: Final = "<config>"
@@ -196,13 +212,13 @@ def load_config(
             [f"{label}: the file is not UTF-8 text (bad byte at offset {exc.start})"]
         ) from None
     if not text.strip():
-        raise ConfigError([f"{label}: the file is empty; copy configuration.json.template"])
+        raise ConfigError(
+            [f"{label}: the file is empty; write a starting one with: paiv-sync init"]
+        )
     try:
         data = json.loads(text, object_pairs_hook=JsonObject.from_pairs)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(
-            [f"{label}: not valid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"]
-        ) from None
+    except json.JSONDecodeError:
+        raise ConfigError([f"{label}: {line}" for line in json_problems(text)]) from None
     try:
         mode: int | None = path.stat().st_mode if os.name == "posix" else None
     except OSError:
@@ -256,6 +272,7 @@ def _parse(
             [f"{label}: the top level must be a JSON object ({{…}}), not {kind_of(data)}"]
         )
     stripped: dict[str, Any] = strip_private(data, "", report)
+    take_out_placeholders(stripped, report, _OWN_PLACEHOLDER_CHECK)
     base_dir = source.parent if source is not None else Path.cwd()
     top = Section(report, stripped, "")
 
@@ -475,6 +492,11 @@ def _read_folder(
     error."""
     if not isinstance(item, str) or not item.strip():
         top.report.error(key, f"must be a non-empty string (a folder path), got {shown(item)}")
+        return None
+    if PLACEHOLDER.match(item):
+        top.report.error(
+            key, f'still holds the template placeholder "{item.strip()}"; give a folder'
+        )
         return None
     path = expand(item.strip(), base_dir, env)
     try:

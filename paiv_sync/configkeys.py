@@ -86,6 +86,12 @@ CHOICES: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
 )
 
 
+# Values the old script's files and README used, read as today's.
+ALIASES: Final[Mapping[str, Mapping[str, str]]] = MappingProxyType(
+    {"model.action": MappingProxyType({"none": "nothing"})}
+)
+
+
 def _sections() -> Mapping[str, frozenset[str]]:
     sections: dict[str, set[str]] = {"": set()}
     for dotted in KEYS:

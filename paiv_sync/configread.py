@@ -13,11 +13,12 @@ import difflib
 import json
 import math
 import os
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Final
 
-from paiv_sync.configkeys import CHOICES, KEYS, SECTIONS
+from paiv_sync.configkeys import ALIASES, CHOICES, KEYS, SECTIONS
 
 
 class Missing:
@@ -37,6 +38,8 @@ class Report:
         self.label = label
         self.errors: list[str] = []
         self.warnings: list[str] = []
+        # Keys whose value was a template placeholder, reported and taken out: not "missing".
+        self.placeholders: set[str] = set()
 
     def error(self, key: str, message: str) -> None:
         self.errors.append(f"{self.label}: {key}: {message}")
@@ -85,7 +88,7 @@ class Section:
         self.report.error(self.key(name), message)
 
     def missing(self, name: str, hint: str) -> None:
-        if not self.broken:
+        if not self.broken and self.key(name) not in self.report.placeholders:
             self.error(name, f"missing; {hint}")
 
     def section(self, name: str, *, required_hint: str | None = None) -> Section:
@@ -240,6 +243,8 @@ def read_choice(sec: Section, name: str) -> str:
     value = sec.get(name)
     if value is MISSING:
         return default
+    if isinstance(value, str):
+        value = ALIASES.get(sec.key(name), {}).get(value, value)
     if isinstance(value, str) and value in choices:
         return value
     close = (
@@ -303,3 +308,89 @@ def strip_private(value: Any, path: str, report: Report) -> Any:
     if isinstance(value, (list, tuple)):
         return [strip_private(v, f"{path}[{i}]", report) for i, v in enumerate(value)]
     return value
+
+
+# A value such as "<dataset_name>" left over from a template.
+PLACEHOLDER: Final = re.compile(r"^\s*<[^<>]*>\s*$")
+
+
+def take_out_placeholders(data: dict[str, Any], report: Report, keep: frozenset[str]) -> None:
+    """Report every object value that is still a template placeholder, and take it out.
+
+    ``keep``: the keys whose readers say more (a secret a later source may override).
+    """
+
+    def walk(node: dict[str, Any], path: str) -> None:
+        for name in list(node):
+            value = node[name]
+            key = join_key(path, name)
+            if isinstance(value, dict):
+                walk(value, key)
+            elif isinstance(value, str) and PLACEHOLDER.match(value) and key not in keep:
+                report.error(
+                    key,
+                    f'still holds the template placeholder "{value.strip()}"; give the real value',
+                )
+                report.placeholders.add(key)
+                del node[name]
+
+    walk(data, "")
+
+
+def json_problems(text: str) -> list[str]:
+    """What is wrong with JSON that does not parse, said so that it can be fixed at once.
+
+    Every trailing comma (the commonest slip, which JSON forbids) is listed, each with its
+    line; then the first other problem, if the text still does not parse without them.
+    """
+    problems: list[str] = []
+    cleaned = list(text)
+    for index in _trailing_commas(text):
+        line = text.count("\n", 0, index) + 1
+        start = text.rfind("\n", 0, index) + 1
+        end = text.find("\n", index)
+        if not text[index + 1 : len(text) if end < 0 else end].strip():
+            where = f"at the end of line {line}"
+        else:
+            where = f"on line {line}, column {index - start + 1}"
+        problems.append(f"not valid JSON: remove the trailing comma {where}")
+        cleaned[index] = " "  # same length: the lines and columns below stay right
+    try:
+        json.loads("".join(cleaned))
+    except json.JSONDecodeError as exc:
+        problems.append(f"not valid JSON at line {exc.lineno}, column {exc.colno}: {_said(exc)}")
+    return problems or ["not valid JSON"]
+
+
+def _said(exc: json.JSONDecodeError) -> str:
+    if exc.msg.startswith("Invalid control character"):
+        return (
+            "a string holds a raw tab or line break; write it as \\t or \\n, or close the "
+            "string's quote before the line ends"
+        )
+    if exc.msg.startswith("Expecting property name enclosed in double quotes"):
+        return "expected a key in double quotes (JSON has no comments and no single quotes)"
+    return exc.msg
+
+
+def _trailing_commas(text: str) -> list[int]:
+    """The offsets of the commas followed (after white space) by a closing bracket."""
+    found: list[int] = []
+    in_string = escaped = False
+    for index, char in enumerate(text):
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char == ",":
+            after = index + 1
+            while after < len(text) and text[after] in " \t\r\n":
+                after += 1
+            if after < len(text) and text[after] in "}]":
+                found.append(index)
+    return found

@@ -8,7 +8,6 @@ plain value in the configuration file. No message ever contains a password or an
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Final
@@ -16,6 +15,7 @@ from urllib.parse import urlsplit
 
 from paiv_sync.configread import (
     MISSING,
+    PLACEHOLDER,
     Section,
     expand,
     kind_of,
@@ -27,9 +27,6 @@ from paiv_sync.configread import (
 # Environment variables and systemd credential names for the two kinds of secret.
 PASSWORD_ENV: Final = "PAIV_PASSWORD"
 API_KEY_ENV: Final = "PAIV_API_KEY"
-
-# A value such as "<password>" left over from the template.
-PLACEHOLDER: Final = re.compile(r"^\s*<[^<>]*>\s*$")
 
 
 class _UrlError(ValueError):
@@ -63,6 +60,11 @@ def normalize_base_url(endpoint: str, port: str | int | None) -> str:
             "the endpoint must not contain a user name or password; "
             "put them in credentials.username and credentials.password",
         )
+    if "<" in text or ">" in text:
+        # Before the scheme check: "<url>" has none, but what it lacks is a real URL.
+        raise _UrlError(
+            "endpoint", f'the endpoint "{text}" still holds a template placeholder; give the URL'
+        )
     if "?" in text or "#" in text:
         raise _UrlError("endpoint", "the endpoint must not contain a query (?…) or fragment (#…)")
     if "://" not in text:
@@ -80,10 +82,6 @@ def normalize_base_url(endpoint: str, port: str | int | None) -> str:
     host = parts.hostname
     if not host:
         raise _UrlError("endpoint", f'the endpoint "{text}" has no host name')
-    if PLACEHOLDER.match(host) or "<" in text or ">" in text:
-        raise _UrlError(
-            "endpoint", f'the endpoint "{text}" still holds a template placeholder; give the URL'
-        )
     try:
         url_port = parts.port
     except ValueError:
@@ -188,11 +186,29 @@ def _read_base_url(cred: Section) -> str | None:
     elif not isinstance(endpoint, str):
         cred.error("endpoint", f"must be a string (a URL), got {shown(endpoint)}")
     if isinstance(endpoint, str) and port_ok:
+        own = _own_port(endpoint)
+        if own is not None and port is not None and str(port).strip() not in ("", str(own)):
+            # The old script never read "port": an endpoint with its own port worked with any
+            # port key beside it. The endpoint's port wins, as it did.
+            cred.report.warn(
+                cred.key("port"),
+                f"ignored: the endpoint gives its own port {own} (the port key says "
+                f"{shown(port)}); remove one of them",
+            )
+            port = None
         try:
             return normalize_base_url(endpoint, port)
         except _UrlError as exc:
             cred.error(exc.key, str(exc))
     return None
+
+
+def _own_port(endpoint: str) -> int | None:
+    """The port an endpoint URL names itself, if any (None also when it is not a URL)."""
+    try:
+        return urlsplit(endpoint.strip()).port if "://" in endpoint else None
+    except ValueError:
+        return None
 
 
 def _warn_plaintext_secrets(cred: Section, file_mode: int, source: Path | None) -> None:

@@ -1176,6 +1176,16 @@ class Ledger:
         )
         return [FileRow(*r) for r in rows]
 
+    def holds_content(self, category: str, sha256: str) -> bool:
+        """Whether a file of ``category`` with this content is pending, on its way or uploaded."""
+        return bool(
+            self._query(
+                "SELECT 1 FROM files WHERE category = ? AND sha256 = ? "
+                "AND state IN (?, ?, ?) LIMIT 1",
+                (category, sha256, *_HELD_STATES),
+            )
+        )
+
     def uploaded_keys(self, category: str) -> dict[tuple[str, int], int]:
         """``(upload_name, size) -> how many`` copies this ledger put into ``category``.
 

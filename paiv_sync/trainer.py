@@ -213,27 +213,10 @@ class Trainer:
         return self.ledger.training(row.id)
 
     def _base_model(self, dataset_id: str) -> str | None:
-        mine = self.ledger.last_trained_task(self.model_name)
-        if mine is not None:
-            return mine
-        try:
-            # The product's list of models; a model's id is its training task's id [client].
-            trained = [
-                m
-                for m in self.client.list_trained_models()
-                if m.get("dataset_id") == dataset_id and m.get("usage", "cic") == "cic"
-            ]
-        except NotSupportedError:
-            trained = [
-                t
-                for t in self.client.list_tasks(status="trained")
-                if t.get("dataset_id") == dataset_id and t.get("status", "trained") == "trained"
-            ]
-        if not trained:
+        model_id = base_model(self.client, self.ledger, self.model_name, dataset_id)
+        if model_id is None:
             log.info("retrain: no trained model yet for dataset %s; training a new one", dataset_id)
-            return None
-        model_id = newest(trained).get("_id")
-        return str(model_id) if model_id else None
+        return model_id
 
     # -- following a task ----------------------------------------------------------------
 
@@ -306,3 +289,30 @@ class Trainer:
                     self._stop.wait(max(0.0, started + WAKE_GAP - time.monotonic()))
                     wake.clear()
                     break
+
+
+def base_model(
+    client: MviClient, ledger: Ledger | None, model_name: str, dataset_id: str
+) -> str | None:
+    """The model a retraining starts from: the last this service trained under
+    ``model_name``, else the newest trained on the server for the dataset, else None."""
+    mine = ledger.last_trained_task(model_name) if ledger is not None else None
+    if mine is not None:
+        return mine
+    try:
+        # The product's list of models; a model's id is its training task's id [client].
+        trained = [
+            m
+            for m in client.list_trained_models()
+            if m.get("dataset_id") == dataset_id and m.get("usage", "cic") == "cic"
+        ]
+    except NotSupportedError:
+        trained = [
+            t
+            for t in client.list_tasks(status="trained")
+            if t.get("dataset_id") == dataset_id and t.get("status", "trained") == "trained"
+        ]
+    if not trained:
+        return None
+    model_id = newest(trained).get("_id")
+    return str(model_id) if model_id else None

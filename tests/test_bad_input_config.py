@@ -76,8 +76,36 @@ def test_config_that_is_not_json_exits_2(tmp_path: Path) -> None:
     config = write(tmp_path / "configuration.json", text)
     proc = paiv("--config", str(config))
     assert proc.returncode == 2
-    line = next(n for n, row in enumerate(text.splitlines(), 1) if '"cfg",' in row) + 1
-    assert proc.stderr.startswith(f"configuration.json: not valid JSON at line {line}, column ")
+    line = next(n for n, row in enumerate(text.splitlines(), 1) if '"cfg",' in row)
+    assert proc.stderr.splitlines() == [
+        f"configuration.json: not valid JSON: remove the trailing comma at the end of line {line}"
+    ]
+
+
+def test_every_trailing_comma_is_named_at_once_and_then_what_else_is_wrong(
+    tmp_path: Path,
+) -> None:
+    text = json.dumps(good_config(None, tmp_path), indent=2)
+    text = text.replace('"cfg"', '"cfg",').replace('"training": 100', '"training": 100,')
+    text = text.replace('"nothing"', '"no\tthing"')  # a raw tab inside a string
+    config = write(tmp_path / "configuration.json", text)
+    proc = paiv("--config", str(config))
+    assert proc.returncode == 2
+    rows = text.splitlines()
+    commas = [n for n, row in enumerate(rows, 1) if row.endswith(('"cfg",', '"training": 100,'))]
+    assert len(commas) == 2
+    lines = proc.stderr.splitlines()
+    assert lines[:2] == [
+        f"configuration.json: not valid JSON: remove the trailing comma at the end of line {n}"
+        for n in sorted(commas)
+    ]
+    tab_line = next(n for n, row in enumerate(rows, 1) if "\t" in row)
+    assert len(lines) == 3
+    assert lines[2].startswith(f"configuration.json: not valid JSON at line {tab_line}, column ")
+    assert lines[2].endswith(
+        "a string holds a raw tab or line break; write it as \\t or \\n, or close the "
+        "string's quote before the line ends"
+    )
     assert "Traceback" not in proc.stderr
 
 

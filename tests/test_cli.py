@@ -23,7 +23,7 @@ ENV = {k: v for k, v in os.environ.items() if not k.startswith(("PAIV_", "NOTIFY
 
 
 def paiv(
-    *args: str, timeout: float = 60, env: dict[str, str] | None = None
+    *args: str, timeout: float = 60, env: dict[str, str] | None = None, cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "paiv_sync", *args],
@@ -32,6 +32,7 @@ def paiv(
         timeout=timeout,
         check=False,
         env=env or ENV,
+        cwd=cwd,
     )
 
 
@@ -475,3 +476,78 @@ def test_status_says_which_pending_files_an_ignore_rule_keeps_out(
         'forest/rejects/b.png, ignored by "rejects/" in ignore)' in said
         or f'city/c.png, ignored by "c.png" in {tree / "city" / ".paivignore"})' in said
     )
+
+
+# -- init and finding the configuration ----------------------------------------------------
+
+
+def test_init_writes_a_private_starting_configuration_that_check_accepts_once_filled(
+    emulator: Emulator, tree: Path
+) -> None:
+    path = tree.parent / "conf" / "configuration.json"
+    made = paiv(
+        "init",
+        str(path),
+        "--endpoint",
+        emulator.url,
+        "--username",
+        "admin",
+        "--dataset",
+        "parts",
+        "--folder",
+        str(tree),
+    )
+    assert made.returncode == 0, made.stderr
+    assert path.stat().st_mode & 0o777 == 0o600
+    data = json.loads(path.read_text())
+    assert data["credentials"]["endpoint"] == emulator.url and "port" not in data["credentials"]
+    assert data["dataset"]["name"] == "parts" and data["folders"] == [str(tree)]
+    assert "_batch_size" in data  # the optional keys are there to switch on
+    # Only the password is left to give: check says so, and passes once it is given.
+    check = paiv("check", "--config", str(path))
+    assert check.returncode == 2
+    assert check.stderr.strip().splitlines()[-1] == (
+        "configuration.json: credentials.password: still holds the template placeholder; "
+        "give the real value"
+    )
+    passed = paiv("check", "--config", str(path), env=ENV | {"PAIV_PASSWORD": "passw0rd"})
+    assert passed.returncode == 0, passed.stdout + passed.stderr
+    # It never overwrites.
+    again = paiv("init", str(path), "--dataset", "other")
+    assert again.returncode == 2 and "exists; not overwritten" in again.stderr
+    assert json.loads(path.read_text())["dataset"]["name"] == "parts"
+
+
+def test_init_for_an_api_key_leaves_no_password_keys(tmp_path: Path) -> None:
+    path = tmp_path / "configuration.json"
+    assert paiv("init", str(path), "--api-key").returncode == 0
+    credentials = json.loads(path.read_text())["credentials"]
+    assert "password" not in credentials and "username" not in credentials
+    assert credentials["api_key"] == "<api_key>"
+
+
+def test_without_config_the_usual_places_are_searched(emulator: Emulator, tree: Path) -> None:
+    home = tree.parent / "home"
+    home.mkdir()
+    env = {k: v for k, v in ENV.items() if k not in ("PAIV_CONFIG", "XDG_CONFIG_HOME")}
+    env["HOME"] = str(home)
+    nowhere = tree.parent / "empty"
+    nowhere.mkdir()
+    missing = paiv("status", env=env, cwd=nowhere)
+    assert missing.returncode == 2
+    assert "no configuration found (looked for " in missing.stderr
+    assert str(nowhere / "configuration.json") in missing.stderr
+    assert str(home / ".config" / "paiv-sync" / "configuration.json") in missing.stderr
+    assert "paiv-sync init" in missing.stderr
+    # In the user's configuration folder (what the old script read, ./configuration.json,
+    # would win over it).
+    user_config = home / ".config" / "paiv-sync" / "configuration.json"
+    user_config.parent.mkdir(parents=True)
+    write_config(user_config, base_config(emulator, tree))
+    found = paiv("check", env=env, cwd=nowhere)
+    assert found.returncode == 0, found.stderr
+    assert f"using the configuration {user_config} (found in" in found.stderr
+    # $PAIV_CONFIG names the file to use, and its absence is the error.
+    named = paiv("status", env=env | {"PAIV_CONFIG": str(tree.parent / "no.json")}, cwd=nowhere)
+    assert named.returncode == 2
+    assert f"the file {tree.parent / 'no.json'} does not exist" in named.stderr

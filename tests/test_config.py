@@ -20,6 +20,7 @@ from paiv_sync.config import (
 )
 
 REPO = Path(__file__).resolve().parent.parent
+TEMPLATE = REPO / "paiv_sync" / "configuration.json.template"  # what `paiv-sync init` writes
 SECRET = "hunter2-Zq9"  # distinctive, so a leak is easy to spot in any message
 API_KEY = "key-7Yx3-secret"
 
@@ -240,11 +241,6 @@ def test_endpoint_with_user_info_is_rejected_without_echo() -> None:
 
 def test_endpoint_errors_name_their_key(images: Path, env: dict[str, str]) -> None:
     data = seed(images)
-    data["credentials"]["endpoint"] = "https://host:8001/powerai-vision"
-    assert problems(data, env) == [
-        "configuration.json: credentials.port: the port 8000 differs from the port 8001 in "
-        "the endpoint; give the port in one place only"
-    ]
     data["credentials"]["endpoint"] = "host/powerai-vision"
     [line] = problems(data, env)
     assert line.startswith("configuration.json: credentials.endpoint: ")
@@ -673,14 +669,14 @@ def test_permission_warning(tmp_path: Path, images: Path, env: dict[str, str]) -
 
 
 def _filled_template(images: Path) -> dict[str, Any]:
-    data = json.loads((REPO / "configuration.json.template").read_text(encoding="utf-8"))
+    data = json.loads(TEMPLATE.read_text(encoding="utf-8"))
     data["credentials"] |= {"username": "admin", "password": SECRET}
     data["folders"] = [str(images)]
     return data
 
 
 def test_template_is_the_seed_format(images: Path, env: dict[str, str]) -> None:
-    template = json.loads((REPO / "configuration.json.template").read_text(encoding="utf-8"))
+    template = json.loads(TEMPLATE.read_text(encoding="utf-8"))
     with pytest.raises(ConfigError) as info:
         parse_config(template, source=Path("configuration.json"), env=env)
     assert any("placeholder" in line for line in info.value.problems)
@@ -784,4 +780,60 @@ def test_ignore_patterns_are_checked(images: Path, env: dict[str, str]) -> None:
     assert problems(data, env) == [
         'configuration.json: ignore: must be a list of patterns such as ["rejects/"], '
         'got "rejects/"'
+    ]
+
+
+# --- the old script's files -------------------------------------------------------------
+
+
+def test_a_port_key_beside_an_endpoint_with_its_own_port_is_ignored_with_a_warning(
+    images: Path, env: dict[str, str]
+) -> None:
+    # The template's "port": "8000" left beside an endpoint that names its port: the old
+    # script never read "port", so the endpoint's port is the one that worked.
+    data = seed(images)
+    data["credentials"]["endpoint"] = "https://host:8001/powerai-vision"
+    config = parse_config(data, source=Path("configuration.json"), env=env)
+    assert config.base_url == "https://host:8001/powerai-vision/api"
+    assert config.warnings == (
+        "configuration.json: credentials.port: ignored: the endpoint gives its own port 8001 "
+        '(the port key says "8000"); remove one of them',
+    )
+    data["credentials"]["endpoint"] = "https://host:8000/powerai-vision"  # the same: no word
+    assert parse_config(data, source=None, env=env).warnings == ()
+    data["credentials"]["endpoint"] = "https://host/powerai-vision"  # none of its own: applies
+    assert (
+        parse_config(data, source=None, env=env).base_url == "https://host:8000/powerai-vision/api"
+    )
+
+
+def test_a_placeholder_endpoint_is_named_as_one(images: Path, env: dict[str, str]) -> None:
+    data = seed(images)
+    data["credentials"]["endpoint"] = "<url>"
+    assert problems(data, env) == [
+        'configuration.json: credentials.endpoint: the endpoint "<url>" still holds a template '
+        "placeholder; give the URL"
+    ]
+
+
+def test_the_old_readmes_model_action_none_means_nothing(images: Path, env: dict[str, str]) -> None:
+    data = seed(images)
+    data["model"]["action"] = "none"
+    assert parse_config(data, source=None, env=env).model_action == "nothing"
+
+
+def test_placeholders_left_in_any_value_are_errors_with_their_key(
+    images: Path, env: dict[str, str]
+) -> None:
+    data = seed(images)
+    data["dataset"]["name"] = "<dataset_name>"
+    data["model"]["name"] = "<name_of_model>"
+    data["folders"] = ["<path>"]
+    assert problems(data, env) == [
+        'configuration.json: dataset.name: still holds the template placeholder "<dataset_name>"; '
+        "give the real value",
+        'configuration.json: model.name: still holds the template placeholder "<name_of_model>"; '
+        "give the real value",
+        'configuration.json: folders[0]: still holds the template placeholder "<path>"; '
+        "give a folder",
     ]
