@@ -17,6 +17,7 @@ import resource
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -44,6 +45,8 @@ from bench.common import (
     stored_files,
 )
 from bench.profiling import AllThreadsProfile, describe, merge
+from paiv_sync.connection import Connection
+from paiv_sync.intake import Intake
 from paiv_sync.pipeline import Pipeline
 from paiv_sync.service import Service
 
@@ -145,35 +148,52 @@ def baseline(emulator: EmulatorProcess, paths: list[Path]) -> Run:
     return run
 
 
-_PHASES = ("scan_all", "ensure_connected", "admit_settled", "dispatch", "wait_uploads")
+# What --once spends its time on, by the methods that do it (the pipeline's steps, intake's
+# admission, the connection's login): (class, method, phase). Time spent in a timed method
+# called from another is counted for the inner one only.
+_PHASES: tuple[tuple[type, str, str], ...] = (
+    (Pipeline, "scan_all", "scan"),
+    (Connection, "try_now", "connect"),
+    (Connection, "ensure", "connect"),
+    (Intake, "admit_settled", "admit"),
+    (Pipeline, "dispatch", "upload"),
+    (Pipeline, "wait_uploads", "upload"),
+)
 
 
 @contextlib.contextmanager
 def _instrumented() -> Iterator[dict[str, float]]:
-    """Time the pipeline's phases by wrapping its methods while inside (benchmark only)."""
-    spent: dict[str, float] = dict.fromkeys(_PHASES, 0.0)
-    originals = {name: getattr(Pipeline, name) for name in _PHASES}
-    for name, method in originals.items():
+    """Time the phases of a run by wrapping those methods while inside (benchmark only)."""
+    spent: dict[str, float] = dict.fromkeys((phase for _, _, phase in _PHASES), 0.0)
+    nested = threading.local()
+    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in _PHASES]
+    for (owner, name, method), (_, _, phase) in zip(originals, _PHASES, strict=True):
 
         def timed(
-            self: Pipeline,
+            self: Any,
             *args: Any,
             _method: Callable[..., Any] = method,
-            _name: str = name,
+            _phase: str = phase,
             **kwargs: Any,
         ) -> Any:
+            stack: list[float] = nested.__dict__.setdefault("inner", [])
+            stack.append(0.0)
             started = time.perf_counter()
             try:
                 return _method(self, *args, **kwargs)
             finally:
-                spent[_name] += time.perf_counter() - started
+                elapsed = time.perf_counter() - started
+                inner = stack.pop()
+                spent[_phase] += elapsed - inner
+                if stack:
+                    stack[-1] += elapsed
 
-        setattr(Pipeline, name, timed)
+        setattr(owner, name, timed)
     try:
         yield spent
     finally:
-        for name, method in originals.items():
-            setattr(Pipeline, name, method)
+        for owner, name, method in originals:
+            setattr(owner, name, method)
 
 
 def paiv_once(
@@ -208,10 +228,10 @@ def paiv_once(
         )
     _check_server(emulator, count, "--once")
     phases = {
-        "open + scan + offer": spent["scan_all"],
-        "log in + resolve dataset": spent["ensure_connected"],
-        "check + hash + ledger (admit)": spent["admit_settled"],
-        "upload (dispatch + wait)": spent["dispatch"] + spent["wait_uploads"],
+        "open + scan + offer": spent["scan"],
+        "log in + resolve dataset": spent["connect"],
+        "check + hash + ledger (admit)": spent["admit"],
+        "upload (dispatch + wait)": spent["upload"],
     }
     phases["settle wait + rest"] = seconds - sum(phases.values())
     run.phases = phases

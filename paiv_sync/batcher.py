@@ -2,7 +2,10 @@
 
 A category flushes when its pending count has reached the upload threshold and no new file has
 arrived for the quiet time. A steady stream cannot hold a flush back for longer than the maximum
-delay, counted from the moment the threshold was reached. The clock is passed in.
+delay, counted from the moment the threshold was reached; and a category past its threshold with
+a full batch pending sends its full batches at once, the quiet time applying to the tail (a
+camera station's stream reaches the server within a batch's worth of files). The clock is
+passed in.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ T = TypeVar("T")
 class _CategoryClock:
     last_arrival: float
     threshold_since: float | None = None
+    # Its full batches went early: the tail goes after the quiet time, whatever its count.
+    tail_owed: bool = False
 
 
 class Debouncer:
@@ -55,7 +60,7 @@ class Debouncer:
                 result.append(category)
                 continue
             entry = self._categories.setdefault(category, _CategoryClock(last_arrival=now))
-            if count < self.threshold:
+            if count < self.threshold and not entry.tail_owed:
                 entry.threshold_since = None
                 continue
             if entry.threshold_since is None:
@@ -66,18 +71,34 @@ class Debouncer:
                 result.append(category)
         return result
 
+    def full_batches(self, pending: Mapping[str, int], batch_size: int) -> dict[str, int]:
+        """Categories past the threshold with at least one full batch pending, and how many
+        files their full batches hold (the rest waits for the quiet time)."""
+        return {
+            category: count - count % batch_size
+            for category, count in pending.items()
+            if count >= self.threshold and count >= batch_size
+        }
+
+    def sent_early(self, category: str) -> None:
+        """``category``'s full batches were handed over: its tail waits for quiet, no more."""
+        entry = self._categories.get(category)
+        if entry is not None:
+            entry.tail_owed = True
+
     def flushed(self, category: str) -> None:
         """``category`` was handed to the uploader; its delay clock starts over."""
         entry = self._categories.get(category)
         if entry is not None:
             entry.threshold_since = None
+            entry.tail_owed = False
 
     def next_deadline(self, pending: Mapping[str, int]) -> float | None:
         """The earliest clock time at which ``ready`` could change its answer, or None."""
         deadlines = []
         for category, count in pending.items():
             entry = self._categories.get(category)
-            if entry is None or count < self.threshold:
+            if entry is None or (count < self.threshold and not entry.tail_owed):
                 continue
             deadline = entry.last_arrival + self.quiet_time
             if entry.threshold_since is not None:

@@ -127,22 +127,33 @@ class Dispatcher:
         # the server, not sent at shutdown) passed the threshold then: they do not wait again.
         ready += [c for c in counts if c not in ready and c in self._returned]
         for category in ready:
-            if self.config.skip_duplicates and category not in self._dup_checked:
-                # The first flush of a category in a run compares its files with the dataset's
-                # list first. In a worker: the server may be slow or down, and this thread must
-                # go on taking in files meanwhile.
-                self.inflight[category] = [self._pool.submit(self._first_flush, category)]
-            else:
-                rows = self.ledger.pending(category)
-                if not rows:
-                    continue
-                self._log_flush(category, len(rows))
-                self.inflight[category] = [
-                    self._pool.submit(self._upload_job, category, [r.id for r in chunk])
-                    for chunk in batches(rows, self.config.batch_size)
-                ]
-            self.debouncer.flushed(category)
-            self._dirty = True
+            if self._send(category, limit=None):
+                self.debouncer.flushed(category)
+        waiting = {c: n for c, n in counts.items() if c not in self.inflight}
+        for category, files in self.debouncer.full_batches(waiting, self.config.batch_size).items():
+            # A stream that never goes quiet: its full batches go now, the tail waits.
+            if self._send(category, limit=files):
+                self.debouncer.sent_early(category)
+
+    def _send(self, category: str, *, limit: int | None) -> bool:
+        """Hand ``category``'s pending files (the oldest ``limit``) to the workers as batches;
+        False when there was nothing to send."""
+        if self.config.skip_duplicates and category not in self._dup_checked:
+            # The first flush of a category in a run compares its files with the dataset's
+            # list first. In a worker: the server may be slow or down, and this thread must go
+            # on taking in files meanwhile.
+            self.inflight[category] = [self._pool.submit(self._first_flush, category)]
+        else:
+            rows = self.ledger.pending(category, limit=limit)
+            if not rows:
+                return False
+            self._log_flush(category, len(rows))
+            self.inflight[category] = [
+                self._pool.submit(self._upload_job, category, [r.id for r in chunk])
+                for chunk in batches(rows, self.config.batch_size)
+            ]
+        self._dirty = True
+        return True
 
     def collect(self) -> bool:
         """Forget the categories whose jobs ended; True when the last ones just did."""

@@ -126,19 +126,50 @@ def test_a_category_goes_once_its_threshold_is_reached_and_it_is_quiet(
     parts: dict[str, Any],
 ) -> None:
     dispatcher, clock = parts["dispatcher"], parts["clock"]
+    parts["debouncer"].threshold = 4  # above the batch size of 2: no full batch goes early
     _add(parts, "forest", 2)
     clock.now += 100
     dispatcher.dispatch(force=False)
     assert _jobs(parts) == []  # below the threshold, however quiet
     ids = _add(parts, "forest", 3, start=2)
+    parts["debouncer"].threshold = 6
     dispatcher.dispatch(force=False)
-    assert _jobs(parts) == []  # at the threshold, not quiet yet
+    assert _jobs(parts) == []  # 5 pending: below the threshold, and not quiet
+    parts["debouncer"].threshold = 5
+    dispatcher.dispatch(force=False)
+    assert len(_jobs(parts)) == 2  # at the threshold, not quiet: its two full batches go now
+    on_their_way = [i for _, (_, chunk) in _jobs(parts) for i in chunk]
+    parts["ledger"].begin_batch("forest", "ds", on_their_way)  # as the jobs would
+    dispatcher.collect()
     clock.now += 10
     dispatcher.dispatch(force=False)
     sent = [args for name, args in _jobs(parts)]
-    assert [name for name, _ in _jobs(parts)] == ["_upload_job"] * 3  # 5 files, batches of 2
+    assert [name for name, _ in _jobs(parts)] == ["_upload_job"] * 3  # then the tail, quiet
     assert sorted(i for _, chunk in sent for i in chunk) == sorted([*range(1, 3), *ids])
     assert {category for category, _ in sent} == {"forest"}
+
+
+def test_a_steady_stream_sends_its_full_batches_at_once_and_its_tail_when_quiet(
+    parts: dict[str, Any],
+) -> None:
+    # A camera station writing without pause never leaves a quiet time: its full batches go
+    # as they fill up (batches of 2 here), not after max_delay; the tail waits for quiet.
+    dispatcher, clock = parts["dispatcher"], parts["clock"]
+    sent: list[int] = []
+    for i in range(7):
+        _add(parts, "forest", 1, start=i)
+        clock.now += 0.5  # a file every half second: never quiet for 10 s
+        dispatcher.dispatch(force=False)
+        dispatcher.collect()
+        sent = [i for _, (_, chunk) in _jobs(parts) for i in chunk]
+        ledger = parts["ledger"]
+        for file_id in sent:  # what was handed over is on its way: no longer pending
+            ledger.begin_batch("forest", "ds", [file_id])
+    assert len(sent) == 6, "the full batches waited"
+    assert all(len(chunk) == 2 for _, (_, chunk) in _jobs(parts))
+    clock.now += 10
+    dispatcher.dispatch(force=False)
+    assert len([i for _, (_, chunk) in _jobs(parts) for i in chunk]) == 7  # the tail, quiet
 
 
 def test_a_category_in_flight_is_not_sent_again_until_its_jobs_are_collected(
