@@ -24,10 +24,12 @@ from paiv_sync.progress import ProgressLine
 
 if TYPE_CHECKING:
     from paiv_sync.ledger import Ledger
+    from paiv_sync.service import Service
 
 log = logging.getLogger("paiv_sync")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_INTERRUPTED = 128 + signal.SIGINT
 STOP_TIMEOUT = 20.0  # seconds; systemd's TimeoutStopSec in service-files/ is larger
 
 # syslog priorities for journald's "<N>" line prefixes.
@@ -91,6 +93,7 @@ def _common(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
     parser.add_argument(
         "--log-level",
         default=argparse.SUPPRESS if suppress else "info",
+        type=str.lower,  # DEBUG and debug alike
         choices=["debug", "info", "warning", "error"],
         help="default: info",
     )
@@ -199,6 +202,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``paiv-sync`` with ``argv`` (default: the process arguments); return the exit code."""
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # The reader went away (`paiv-sync status | head -2`): not an error of ours. Point
+        # stdout at nothing, so the interpreter's last flush at exit does not complain again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_OK
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     if args_list[:1] == ["emulator"]:
         from paiv_sync.emulator.cli import main as emulator_main
@@ -208,9 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(args_list)
     setup_logging(args.log_level, args.log_format)
     if args.command == "demo":
-        from paiv_sync.demo import run_demo
-
-        return run_demo()
+        return _demo(args)
     if args.command == "init":
         return _init(args)
     if args.config is None:
@@ -263,6 +275,19 @@ def _load(path: Path) -> Config | None:
     for warning in config.warnings:
         log.warning("%s", warning)
     return config
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from paiv_sync.demo import run_demo
+
+    if args.config is not None:
+        print(
+            "paiv-sync: error: demo runs against its own emulator and takes no --config; "
+            "to run against your server: paiv-sync --config PATH",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    return run_demo()
 
 
 def _init(args: argparse.Namespace) -> int:
@@ -339,22 +364,7 @@ def _run(config: Config, *, once: bool, health_port: int | None = None) -> int:
         progress=progress,
     )
 
-    def on_stop(signum: int, _frame: FrameType | None) -> None:
-        log.info("received %s; stopping", signal.Signals(signum).name)
-        service.stop()
-        # A clean stop takes a few seconds at most. Should it ever hang, print every thread's
-        # stack (so the cause can be found) and exit rather than wait for a SIGKILL.
-        faulthandler.dump_traceback_later(STOP_TIMEOUT, exit=True)
-
-    def on_reload(_signum: int, _frame: FrameType | None) -> None:
-        log.info("received SIGHUP; reloading the configuration")
-        service.request_reload()
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, on_stop)
-        signal.signal(signal.SIGINT, on_stop)
-        if hasattr(signal, "SIGHUP"):
-            signal.signal(signal.SIGHUP, on_reload)
+    interrupted = _handle_signals(service)
     health = None
     if health_port is not None and not once:
         from paiv_sync.health import HealthServer
@@ -376,7 +386,33 @@ def _run(config: Config, *, once: bool, health_port: int | None = None) -> int:
             health.stop()
         notifier.close()
     log.info("stopped")
+    if once and signal.SIGINT in interrupted:
+        return EXIT_INTERRUPTED  # a --once run cut short by Ctrl-C, as shells expect
     return code
+
+
+def _handle_signals(service: Service) -> list[int]:
+    """SIGTERM and SIGINT stop ``service``, SIGHUP reloads it; returns the stop signals seen."""
+    interrupted: list[int] = []
+
+    def on_stop(signum: int, _frame: FrameType | None) -> None:
+        log.info("received %s; stopping", signal.Signals(signum).name)
+        interrupted.append(signum)
+        service.stop()
+        # A clean stop takes a few seconds at most. Should it ever hang, print every thread's
+        # stack (so the cause can be found) and exit rather than wait for a SIGKILL.
+        faulthandler.dump_traceback_later(STOP_TIMEOUT, exit=True)
+
+    def on_reload(_signum: int, _frame: FrameType | None) -> None:
+        log.info("received SIGHUP; reloading the configuration")
+        service.request_reload()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_stop)
+        signal.signal(signal.SIGINT, on_stop)
+        if hasattr(signal, "SIGHUP"):
+            signal.signal(signal.SIGHUP, on_reload)
+    return interrupted
 
 
 def _check(config: Config) -> int:

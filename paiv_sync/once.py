@@ -65,18 +65,25 @@ def run_once(pipeline: Pipeline) -> int:
 
 
 def _connect(pipeline: Pipeline) -> bool:
-    """Connect in line: the mode's tries with back-off, as for any request.
+    """Connect: the mode's tries with back-off, as for any request.
 
-    A refused password or certificate is not tried again (it will not change by itself).
+    Each try runs in the connector thread, as in watch mode, so that a stop (Ctrl-C) is
+    taken at once rather than after a request's timeout. A refused password or certificate
+    is not tried again (it will not change by itself).
     """
     connection, stop = pipeline.connection, pipeline.stop_event
     tries = pipeline.mode.request_tries or 1
     for attempt in range(1, tries + 1):
-        if connection.try_now():
+        while not stop.is_set() and max(0.0, connection.next_try - pipeline.clock()) > 0:
+            stop.wait(min(0.5, connection.next_try - pipeline.clock()))
+        if stop.is_set() or connection.ensure():
+            return connection.connected
+        while connection.trying and not stop.wait(0.05):
+            pass
+        if connection.ensure():
             return True
         if connection.fatal or stop.is_set() or attempt == tries:
             return False
-        stop.wait(max(0.0, connection.next_try - pipeline.clock()))
     return False
 
 
@@ -88,10 +95,10 @@ def _settle_in_doubt(pipeline: Pipeline) -> None:
     for _ in range(_SETTLE_ROUNDS):
         if pipeline.lost.is_set() or stop.is_set():
             return
-        if not pipeline.ledger.in_doubt() and pipeline.inbox.empty():
-            return
         while not pipeline.inbox.empty():
-            pipeline.pump(0.0)
+            pipeline.pump(0.0)  # files to look at again; and the connector's wake-ups
+        if not pipeline.ledger.in_doubt() and not len(pipeline.gate):
+            return
         pipeline.intake.admit_all()
         dispatcher.resolve_orphans(now=True)
         while dispatcher.resolving and not stop.is_set():

@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 
 # Put on the inbox to end the pipeline loop's wait at once (stop, reload).
 WAKE_UP = ("", False)
+# Seconds a stop waits for a connector thread still at work.
+_CONNECTOR_GRACE = 5.0
 # Path hints taken from the inbox per turn of the pipeline loop.
 _HINTS_PER_TURN = 256
 
@@ -288,7 +290,9 @@ class Pipeline:
         self._pool.shutdown(wait=True, cancel_futures=True)
         if self._trainer_thread is not None:
             self._trainer_thread.join(timeout=self.config.timeout + 5)
-        self.connection.join(timeout=self.config.timeout + 5)
+        # A try still at work is in a request that may take its timeout to end; its thread
+        # is a daemon, and what it did not record is settled at the next start.
+        self.connection.join(timeout=_CONNECTOR_GRACE)
         self.client.close()
         try:
             self.sync_ledger()

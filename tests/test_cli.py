@@ -551,3 +551,71 @@ def test_without_config_the_usual_places_are_searched(emulator: Emulator, tree: 
     named = paiv("status", env=env | {"PAIV_CONFIG": str(tree.parent / "no.json")}, cwd=nowhere)
     assert named.returncode == 2
     assert f"the file {tree.parent / 'no.json'} does not exist" in named.stderr
+
+
+# -- for scripts and terminals -------------------------------------------------------------
+
+
+def test_status_into_a_closed_pipe_exits_quietly(emulator: Emulator, tree: Path) -> None:
+    from paiv_sync.ledger import Ledger
+
+    data = base_config(emulator, tree)
+    Ledger(Path(data["ledger"])).close()
+    config = write_config(tree.parent / "configuration.json", data)
+    with subprocess.Popen(
+        [sys.executable, "-m", "paiv_sync", "status", "--config", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    ) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        proc.stdout.close()  # as `| head` does once it has its lines: every write now fails
+        err = proc.stderr.read()
+        assert proc.wait(timeout=30) == 0, err
+    assert "BrokenPipe" not in err and "Traceback" not in err
+
+
+def test_log_level_in_capitals_and_demo_with_a_config(emulator: Emulator, tree: Path) -> None:
+    config = write_config(tree.parent / "configuration.json", base_config(emulator, tree))
+    debug = paiv("--log-level", "DEBUG", "check", "--config", str(config))
+    assert debug.returncode == 0, debug.stderr
+    assert " DEBUG " in debug.stderr
+    demo = paiv("demo", "--config", str(config))
+    assert demo.returncode == 2
+    assert "demo runs against its own emulator and takes no --config" in demo.stderr
+
+
+def test_ctrl_c_during_once_exits_130(tree: Path) -> None:
+    write_image(tree / "forest" / "a.png", 1)
+    with socket.socket() as silent:  # accepts and never answers: --once is busy connecting
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        data = {
+            "credentials": {
+                "endpoint": f"http://127.0.0.1:{silent.getsockname()[1]}/api",
+                "username": "admin",
+                "password": "passw0rd",
+                "timeout": 30,
+            },
+            "dataset": {"name": "x"},
+            "folders": [str(tree)],
+            "ledger": str(tree.parent / "ledger.sqlite3"),
+        }
+        config = write_config(tree.parent / "configuration.json", data)
+        with subprocess.Popen(
+            [sys.executable, "-m", "paiv_sync", "--config", str(config), "--once"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=ENV,
+        ) as proc:
+            silent.settimeout(30)
+            connection, _ = silent.accept()  # it is running, and waiting for the server
+            try:
+                proc.send_signal(signal.SIGINT)
+                _, err = proc.communicate(timeout=30)
+            finally:
+                connection.close()
+    assert proc.returncode == 130, err
+    assert "received SIGINT; stopping" in err

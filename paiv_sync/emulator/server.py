@@ -25,7 +25,6 @@ from werkzeug.exceptions import ClientDisconnected
 from werkzeug.serving import DechunkedInput
 from werkzeug.wsgi import LimitedStream
 
-from paiv_sync.emulator import tls
 from paiv_sync.emulator.app import App, Reply, Request, error_reply
 from paiv_sync.emulator.options import EmulatorOptions, FaultOptions
 from paiv_sync.emulator.records import (
@@ -279,6 +278,14 @@ class Emulator:
             raise RuntimeError("the emulator is already running")
         context = None
         if self.options.tls:
+            try:
+                # Only the TLS mode needs cryptography: it is the optional paiv-sync[tls].
+                from paiv_sync.emulator import tls
+            except ImportError as exc:
+                raise RuntimeError(
+                    "the emulator's TLS mode needs the cryptography package: "
+                    "pip install 'paiv-sync[tls]'"
+                ) from exc
             self._tmpdir = Path(tempfile.mkdtemp(prefix="paiv-sync-emulator-"))
             self.cert_path, key_path = tls.write_self_signed(self._tmpdir, self.options.host)
             context = tls.server_context(self.cert_path, key_path)
