@@ -27,7 +27,7 @@ import os
 import threading
 import time
 import warnings
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -326,6 +326,21 @@ def epoch_seconds(value: object) -> float | None:
     return None
 
 
+def _operation(what: str) -> str:
+    """The operation a request is (``what``: "METHOD /path"), as /metrics labels retries."""
+    method, _, rest = what.partition(" ")
+    path = rest.split(" ", 1)[0]
+    if path.startswith("/tokens"):
+        return "login"
+    if method == "POST" and path.endswith("/files"):
+        return "upload"
+    if path.startswith(("/dltasks", "/trained-models")):
+        return "training"
+    if method == "GET":
+        return "read"
+    return {"DELETE": "delete"}.get(method, "create")
+
+
 def newest(items: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
     """The item created last, by ``created_at`` in any of the forms ``epoch_seconds`` reads.
 
@@ -522,6 +537,11 @@ class MviClient:
         # Called before each back-off wait of a retried request (the service counts it as a
         # sign of life of the thread that waits).
         self._on_wait = on_wait
+        # What the last request met (None before the first): False when it got no answer or
+        # a 5xx, True otherwise. Read by the health endpoints and the systemd status line.
+        self.reachable: bool | None = None
+        # Back-off waits of retried requests, by operation (see _operation), since the start.
+        self.retries: Counter[str] = Counter()
         self._session = requests.Session()
         self._session.headers["User-Agent"] = f"paiv-sync/{__version__}"
         self._session.headers["Accept"] = "application/json"
@@ -702,6 +722,7 @@ class MviClient:
             _log.debug("%s %s abandoned: %s", method, path, exc.error)
             raise exc.error from None
         except requests.exceptions.RequestException as exc:
+            self.reachable = False
             elapsed = time.monotonic() - started
             error = self._network_error(exc, method, path, idempotent)
             _log.debug("%s %s failed after %.3f s: %s", method, path, elapsed, error.reason)
@@ -709,6 +730,7 @@ class MviClient:
         finally:
             if body is not None:
                 body.close()
+        self.reachable = response.status_code < 500
         _log.debug(
             "%s %s -> %d in %.3f s", method, path, response.status_code, time.monotonic() - started
         )
@@ -981,11 +1003,12 @@ class MviClient:
             retry_if=retry_if,
             logger=_log,
             what=what,
-            sleep=self._wait,
+            sleep=lambda seconds: self._wait(seconds, _operation(what)),
         )
 
-    def _wait(self, seconds: float) -> None:
-        """A back-off wait between two tries: a sign of life first, and it ends on shutdown."""
+    def _wait(self, seconds: float, operation: str) -> None:
+        """A back-off wait between two tries: counted, a sign of life, and it ends on shutdown."""
+        self.retries[operation] += 1
         if self._on_wait is not None:
             self._on_wait()
         self._stop.wait(seconds)

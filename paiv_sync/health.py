@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
@@ -43,6 +43,9 @@ class Observed(Protocol):
 
     @property
     def upload_retries(self) -> int: ...
+
+    @property
+    def request_retries(self) -> Mapping[str, int]: ...
 
     @property
     def last_upload_time(self) -> float | None: ...
@@ -89,6 +92,15 @@ class ServiceCollector(Collector):
         )
         retries.add_metric([], float(service.upload_retries))
         yield retries
+        requests = CounterMetricFamily(
+            "paiv_sync_retries",
+            "Back-off waits after a failed request or upload since this process started, by "
+            "operation (login, read, upload, create, delete, training)",
+            labels=["operation"],
+        )
+        for operation, count in sorted(service.request_retries.items()):
+            requests.add_metric([operation], float(count))
+        yield requests
         last = GaugeMetricFamily(
             "paiv_sync_last_upload_timestamp_seconds",
             "When this process last had a file confirmed (0: not yet)",

@@ -15,7 +15,8 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from paiv_sync import ledger as states
@@ -133,8 +134,26 @@ class Service:
 
     @property
     def connected(self) -> bool:
-        """Whether the server is reachable and the dataset resolved."""
-        return self._pipeline is not None and self._pipeline.connection.connected
+        """Whether the dataset is resolved and the last request to the server got an answer
+        (not a 5xx): an outage shows here at its first failed request, whichever thread met it.
+        """
+        pipeline = self._pipeline
+        return (
+            pipeline is not None
+            and pipeline.connection.connected
+            and pipeline.client.reachable is not False
+        )
+
+    @property
+    def request_retries(self) -> Mapping[str, int]:
+        """Back-off waits in this process, by operation: of requests the client retried, and
+        of the uploader between two tries of a batch (counted as uploads)."""
+        pipeline = self._pipeline
+        if pipeline is None:
+            return {}
+        counts = Counter(pipeline.client.retries)
+        counts["upload"] += pipeline.upload_retries
+        return dict(counts)
 
     @property
     def dataset_id(self) -> str | None:

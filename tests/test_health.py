@@ -84,3 +84,38 @@ def test_a_long_server_outage_is_not_taken_for_a_stuck_worker(
         )
     held = [f["sha256"] for d in emulator.state()["datasets"] for f in d["files"]]
     assert held == [sha(body)]
+
+
+def test_an_outage_met_by_an_upload_shows_in_the_metrics_and_its_end_too(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    # Measured before: with the server failing every upload, /metrics kept
+    # server_connected 1 and counted no retry; only the connect step was looked at.
+    from paiv_sync.emulator import FaultOptions
+
+    root = tmp_path / "images"
+    (root / "forest").mkdir(parents=True)
+    config = config_for(emulator, root, threshold={"upload": 1, "training": 1000})
+    with running(config) as runner:
+        health = HealthServer(runner.service).start()
+        try:
+            with requests.Session() as http:
+
+                def metrics() -> str:
+                    return http.get(f"{health.url}/metrics", timeout=5).text
+
+                write_image(root / "forest" / "a.png", 1)
+                wait_until(lambda: server_count(emulator) == 1, timeout=15)
+                wait_until(lambda: "paiv_sync_server_connected 1.0" in metrics(), timeout=10)
+                emulator.set_faults(FaultOptions(error_rate=1.0))
+                write_image(root / "forest" / "b.png", 2)
+                wait_until(lambda: emulator.state()["faults"]["error"] >= 2, timeout=15)
+                down = metrics()
+                emulator.set_faults(FaultOptions())
+                wait_until(lambda: server_count(emulator) == 2, timeout=30)
+                wait_until(lambda: "paiv_sync_server_connected 1.0" in metrics(), timeout=10)
+        finally:
+            health.stop()
+    assert "paiv_sync_server_connected 0.0" in down
+    retried = [line for line in down.splitlines() if line.startswith("paiv_sync_retries_total")]
+    assert retried and any('operation="upload"' in line for line in retried), down

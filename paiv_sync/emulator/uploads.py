@@ -187,7 +187,29 @@ class _PartSink:
     def archive(self) -> IO[bytes]:
         assert self._spool is not None
         self._spool.seek(0)
+        if not hasattr(self._spool, "seekable"):
+            # Python 3.10: SpooledTemporaryFile has no seekable(), which zipfile asks.
+            return cast(IO[bytes], _Seekable(self._spool))
         return self._spool
+
+
+class _Seekable:
+    """The reading surface zipfile uses, over a file that does not say it can seek."""
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self._raw = raw
+
+    def seekable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        return self._raw.read(size)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._raw.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._raw.tell()
 
 
 def dimensions(head: bytes) -> tuple[int, int] | None:
