@@ -6,6 +6,7 @@ Exit codes: 0 done, 1 something failed at run time (see the log), 2 bad usage or
 from __future__ import annotations
 
 import argparse
+import datetime
 import faulthandler
 import json
 import logging
@@ -43,17 +44,24 @@ _JOURNAL_PRIORITY = {
 
 
 class _JournalFormatter(logging.Formatter):
-    """journald adds its own timestamps; a ``<N>`` prefix sets the priority."""
+    """journald adds its own timestamps; a ``<N>`` prefix sets the priority.
+
+    journald reads each line as a record of its own, so every line of a multi-line record (a
+    reason on the next line, a traceback) carries the prefix: ``journalctl -p err`` shows the
+    error with its reason.
+    """
 
     def format(self, record: logging.LogRecord) -> str:
         priority = _JOURNAL_PRIORITY.get(record.levelno, 6)
-        return f"<{priority}>{record.name}: {super().format(record)}"
+        lines = super().format(record).splitlines() or [""]
+        first = f"<{priority}>{record.name}: {lines[0]}"
+        return "\n".join([first, *(f"<{priority}>  {line}" for line in lines[1:])])
 
 
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
+            "time": _rfc3339(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
@@ -63,12 +71,31 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+def _rfc3339(created: float) -> str:
+    """A record's time as RFC 3339 in UTC, with milliseconds: ``2026-12-03T14:05:07.123Z``."""
+    moment = datetime.datetime.fromtimestamp(created, tz=datetime.timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def _to_journal() -> bool:
+    """Whether stderr is journald's stream: ``$JOURNAL_STREAM`` names its device and inode.
+
+    A terminal or a file that inherited the variable from a unit's environment is not.
+    """
+    device, _, inode = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    try:
+        info = os.fstat(sys.stderr.fileno())
+        return (info.st_dev, info.st_ino) == (int(device), int(inode))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def setup_logging(level: str, fmt: str) -> None:
     """Send the package's logs to stderr in the chosen format."""
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(_JsonFormatter())
-    elif os.environ.get("JOURNAL_STREAM"):
+    elif _to_journal():
         handler.setFormatter(_JournalFormatter("%(message)s"))
     else:
         handler.setFormatter(
@@ -120,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         metavar="PORT",
-        help="serve /healthz and Prometheus /metrics on 127.0.0.1:PORT",
+        help="serve /healthz and Prometheus /metrics on PORT (of health_host, 127.0.0.1 unless "
+        "the configuration says otherwise)",
     )
     parser.add_argument(
         "--once",
@@ -370,7 +398,7 @@ def _run(config: Config, *, once: bool, health_port: int | None = None) -> int:
         from paiv_sync.health import HealthServer
 
         try:
-            health = HealthServer(service, port=health_port).start()
+            health = HealthServer(service, host=config.health_host, port=health_port).start()
         except OSError as exc:
             log.error("cannot serve health and metrics on port %d: %s", health_port, exc)
             return EXIT_FAILED

@@ -140,7 +140,8 @@ class Config:
     # The ledger this configuration shared, by the default path of earlier versions, with
     # another configuration of the same file name (see _read_ledger); None otherwise.
     ledger_shared_before: Path | None = None
-    health_port: int | None = None  # serve /healthz and /metrics on 127.0.0.1:PORT
+    health_port: int | None = None  # serve /healthz and /metrics on health_host:PORT
+    health_host: str = "127.0.0.1"
     retry_initial: float = 1.0  # first back-off wait, seconds
     retry_maximum: float = 60.0  # cap of the exponential back-off, seconds
 
@@ -170,6 +171,7 @@ RESTART_KEYS: Final = (
     "dataset_action",
     "upload_workers",
     "health_port",
+    "health_host",
     "retry_initial",
     "retry_maximum",
 )
@@ -310,6 +312,7 @@ def _parse(
     polling_interval = read_number(top, "polling_interval", strict=True)
     follow_symlinks = read_bool(top, "follow_symlinks")
     health_port = read_int(top, "health_port", 0, 65535) or None
+    health_host = read_string(top, "health_host", top.default("health_host")) or "127.0.0.1"
     retry = top.section("retry")
     retry_initial = read_number(retry, "initial", strict=True)
     retry_maximum = read_number(retry, "maximum", strict=True)
@@ -370,6 +373,7 @@ def _parse(
         polling_interval=polling_interval,
         follow_symlinks=follow_symlinks,
         health_port=health_port,
+        health_host=health_host,
         retry_initial=retry_initial,
         retry_maximum=retry_maximum,
         dataset_name=dataset_name,

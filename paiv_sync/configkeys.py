@@ -66,6 +66,7 @@ KEYS: Final[Mapping[str, Any]] = MappingProxyType(
         "polling_interval": 2.0,
         "follow_symlinks": False,
         "health_port": 0,  # 0: off
+        "health_host": "127.0.0.1",  # 0.0.0.0 for a Prometheus on another host
         "retry.initial": 1.0,
         "retry.maximum": 60.0,
         "dataset.name": REQUIRED,

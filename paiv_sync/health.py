@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from werkzeug.serving import BaseWSGIServer, make_server
+from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 from werkzeug.wrappers import Request, Response
 
 from paiv_sync import ledger as states
@@ -120,6 +120,14 @@ class ServiceCollector(Collector):
         yield training
 
 
+class _QuietHandler(WSGIRequestHandler):
+    """No access log: a scrape every 15 s would be a log line (coloured, even in the journal)
+    every 15 s for months."""
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        return None
+
+
 class HealthServer:
     """The endpoints on ``host:port`` (port 0 picks a free one) in a background thread."""
 
@@ -128,7 +136,9 @@ class HealthServer:
         registry = CollectorRegistry(auto_describe=False)
         registry.register(ServiceCollector(service))
         self._metrics_app = make_wsgi_app(registry)
-        self._server: BaseWSGIServer = make_server(host, port, self._app, threaded=True)
+        self._server: BaseWSGIServer = make_server(
+            host, port, self._app, threaded=True, request_handler=_QuietHandler
+        )
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="paiv-health", daemon=True
         )

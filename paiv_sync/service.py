@@ -107,6 +107,7 @@ class Service:
         self._reload_requested = threading.Event()
         self._next_status = 0.0
         self._status_text = ""
+        self._reload_note = ""  # said in the status line after a rejected reload
 
     # -- public --------------------------------------------------------------------------
 
@@ -199,7 +200,10 @@ class Service:
         last = ledger.last_training()
         training = f"; last training {last.name}: {last.state}" if last else ""
         server = "" if self.connected else "; server not reachable"
-        return f"{pending} pending, {uploaded} uploaded, {rejected} rejected{training}{server}"
+        return (
+            f"{pending} pending, {uploaded} uploaded, {rejected} rejected{training}{server}"
+            f"{self._reload_note}"
+        )
 
     # -- running -------------------------------------------------------------------------
 
@@ -294,13 +298,19 @@ class Service:
         if source is None:
             log.warning("reload requested, but this configuration has no file to re-read")
             return
-        self._notify("RELOADING=1")
+        # MONOTONIC_USEC: what Type=notify-reload (systemd 253+) matches to its reload request.
+        self._notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
         try:
             new = load_config(source)
         except ConfigError as exc:
             log.error("reload: the new configuration is invalid; keeping the running one:\n%s", exc)
+            # Said in the status line until a reload goes through (systemctl status shows it).
+            self._reload_note = "; reload rejected, the running configuration kept (see the log)"
+            self._next_status = 0.0
             self._notify("READY=1")
             return
+        self._reload_note = ""
+        self._next_status = 0.0
         for warning in new.warnings:
             log.warning("%s", warning)
         self.config = new

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -275,7 +277,14 @@ def test_foreground_service_ready_reload_and_sigterm(
             proc.communicate()
     assert proc.returncode == 0, err
     assert "the new configuration is invalid" in err
-    assert "RELOADING=1" in notify_socket.messages
+    messages = notify_socket.messages  # one per line of each datagram
+    reloads = [i for i, m in enumerate(messages) if m == "RELOADING=1"]
+    assert len(reloads) == 2
+    assert all(messages[i + 1].startswith("MONOTONIC_USEC=") for i in reloads)
+    statuses = [m for m in notify_socket.messages if m.startswith("STATUS=")]
+    rejected = [i for i, m in enumerate(statuses) if "reload rejected" in m]
+    assert rejected, statuses  # said while the old configuration ran on
+    assert "reload rejected" not in statuses[-1]  # and no longer once a reload went through
     assert notify_socket.messages[-1] == "STOPPING=1"
 
 
@@ -285,12 +294,41 @@ def test_log_formats_json_and_journald(emulator: Emulator, tree: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     entries = [json.loads(line) for line in proc.stderr.splitlines() if line.strip()]
     assert any(e["level"] == "info" and "authenticated as admin" in e["message"] for e in entries)
-    proc = paiv("check", "--config", str(config), env=dict(ENV, JOURNAL_STREAM="8:1234"))
-    assert proc.returncode == 0, proc.stderr
-    assert any(
-        line.startswith("<6>") and "authenticated as admin" in line
-        for line in proc.stderr.splitlines()
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", e["time"]) for e in entries)
+    # Under journald: JOURNAL_STREAM names stderr's device and inode.
+    read_end, write_end = os.pipe()
+    info = os.fstat(write_end)
+    with os.fdopen(read_end) as journal:
+        done = subprocess.run(
+            [sys.executable, "-m", "paiv_sync", "check", "--config", str(config)],
+            stdout=subprocess.DEVNULL,
+            stderr=write_end,
+            env=dict(ENV, JOURNAL_STREAM=f"{info.st_dev}:{info.st_ino}"),
+            timeout=60,
+            check=False,
+        )
+        os.close(write_end)
+        lines = journal.read().splitlines()
+    assert done.returncode == 0, lines
+    assert any(line.startswith("<6>") and "authenticated as admin" in line for line in lines)
+    # A JOURNAL_STREAM inherited by a process whose stderr is not the journal: plain lines.
+    inherited = paiv("check", "--config", str(config), env=dict(ENV, JOURNAL_STREAM="8:1234"))
+    assert inherited.returncode == 0, inherited.stderr
+    assert not any(line.startswith("<") for line in inherited.stderr.splitlines())
+    assert "authenticated as admin" in inherited.stderr
+
+
+def test_every_line_of_a_journald_record_carries_its_priority() -> None:
+    from paiv_sync.cli import _JournalFormatter
+
+    record = logging.LogRecord(
+        "paiv_sync.x", logging.ERROR, __file__, 1, "reload refused:\n%s", ("a: bad\nb: bad",), None
     )
+    assert _JournalFormatter("%(message)s").format(record).splitlines() == [
+        "<3>paiv_sync.x: reload refused:",
+        "<3>  a: bad",
+        "<3>  b: bad",
+    ]
 
 
 # -- one ledger per configuration (docs/what-happens-when.md, 26a and 26b) -----------------

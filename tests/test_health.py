@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
+import pytest
 import requests
 
 from paiv_sync.emulator import Emulator
@@ -119,3 +121,30 @@ def test_an_outage_met_by_an_upload_shows_in_the_metrics_and_its_end_too(
     assert "paiv_sync_server_connected 0.0" in down
     retried = [line for line in down.splitlines() if line.startswith("paiv_sync_retries_total")]
     assert retried and any('operation="upload"' in line for line in retried), down
+
+
+def test_a_scrape_logs_nothing_and_health_host_is_read(
+    emulator: Emulator, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from paiv_sync.config import parse_config
+
+    root = tmp_path / "images"
+    (root / "forest").mkdir(parents=True)
+    config = config_for(emulator, root)
+    caplog.set_level(logging.DEBUG)
+    with running(config) as runner:
+        health = HealthServer(runner.service).start()
+        try:
+            for path in ("/metrics", "/healthz", "/metrics"):
+                assert requests.get(f"{health.url}{path}", timeout=5).status_code == 200
+        finally:
+            health.stop()
+    assert not [r for r in caplog.records if r.name == "werkzeug"], "an access log line"
+    base = {
+        "credentials": {"endpoint": "https://h/api", "username": "u", "password": "p"},
+        "dataset": {"name": "d"},
+        "folders": [str(root)],
+    }
+    assert parse_config(base, source=None, env={}).health_host == "127.0.0.1"
+    outside = parse_config({**base, "health_host": "0.0.0.0"}, source=None, env={})
+    assert outside.health_host == "0.0.0.0"
