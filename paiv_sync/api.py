@@ -1093,6 +1093,25 @@ class MviClient:
         _log.info("created category %r (%s) in dataset %s", name, category_id, dataset_id)
         return category_id
 
+    def find_category(self, dataset_id: str, name: str) -> str | None:
+        """The id of category ``name`` in the dataset, or None when it has none of that name.
+
+        From the cache when known; else one listing, whose every category is cached, so a
+        dataset's existing categories cost one request, not one each.
+        """
+        with self._category_lock:  # a thread that waited here finds what the other listed
+            cached = self._category_ids.get((dataset_id, name))
+            if cached is not None:
+                return cached
+            return self._listed_category(dataset_id, name)
+
+    def _listed_category(self, dataset_id: str, name: str) -> str | None:
+        """List the dataset's categories (caching them all); the id of ``name`` among them."""
+        for category in self.list_categories(dataset_id):
+            if category.get("name") and category.get("_id"):
+                self._category_ids[(dataset_id, str(category["name"]))] = str(category["_id"])
+        return self._category_ids.get((dataset_id, name))
+
     def ensure_category(self, dataset_id: str, name: str) -> str:
         """Return the id of category ``name`` in dataset ``dataset_id``, creating it if needed.
 
@@ -1109,10 +1128,8 @@ class MviClient:
                 return cached
 
             def find_or_create() -> str:
-                for category in self.list_categories(dataset_id):
-                    if category.get("name") == name and category.get("_id"):
-                        return str(category["_id"])
-                return self.create_category(dataset_id, name)
+                found = self._listed_category(dataset_id, name)
+                return found if found is not None else self.create_category(dataset_id, name)
 
             # Only an ambiguous create is retried here (by looking up again); the GET and
             # POST inside already retry the failures that are safe to retry.

@@ -24,7 +24,6 @@ from paiv_sync.config import Config, ConfigError, load_config
 from paiv_sync.progress import ProgressLine
 
 if TYPE_CHECKING:
-    from paiv_sync.ledger import Ledger
     from paiv_sync.service import Service
 
 log = logging.getLogger("paiv_sync")
@@ -166,7 +165,16 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     check = commands.add_parser("check", help="validate the configuration and try the server")
     _common(check, suppress=True)
-    status = commands.add_parser("status", help="show where every category's files stand")
+    status = commands.add_parser(
+        "status",
+        help="show where every category's files stand",
+        epilog="example: paiv-sync status --config configuration.json --json | jq .totals",
+    )
+    status.add_argument(
+        "--json",
+        action="store_true",
+        help="one JSON object (its fields are described in README.md, 'status --json')",
+    )
     _common(status, suppress=True)
     rebind = commands.add_parser(
         "rebind",
@@ -282,7 +290,9 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.command == "check":
         return _check(config)
     if args.command == "status":
-        return _status(config)
+        from paiv_sync.status import status_command
+
+        return status_command(config, as_json=args.json)
     if args.command == "rebind":
         return _rebind(config)
     if args.command == "retry":
@@ -529,75 +539,4 @@ def _retry(config: Config, *, rejected: bool) -> int:
     print(f"{again} files will be sent again at the next run")
     if rejected:
         print(f"{checked} files rejected before upload will be checked again at the next scan")
-    return EXIT_OK
-
-
-def _report_ruled_out(config: Config, ledger: Ledger) -> None:
-    """Say which pending files an ignore rule keeps out now (the next scan drops them)."""
-    from paiv_sync.layout import Layout, Skip
-
-    layout = Layout(
-        config.folders,
-        recursive=config.recursive,
-        categories=config.categories,
-        extensions=config.extensions,
-        ignore=config.ignore,
-    )
-    for root in layout.roots:
-        layout.rules.load(str(root))
-    ruled_out = [
-        (row, skip)
-        for row in ledger.pending()
-        if isinstance(skip := layout.locate(row.file_path), Skip) and skip.tell
-    ]
-    if ruled_out:
-        row, skip = ruled_out[0]
-        print(
-            f"ignored: {len(ruled_out)} pending files are kept out by an ignore rule now and "
-            f"will not be sent (first: {row.rel_path}, {skip.reason})"
-        )
-
-
-def _status(config: Config) -> int:
-    from paiv_sync import ledger as states
-    from paiv_sync.ledger import Ledger, LedgerError
-
-    try:
-        ledger = Ledger(config.ledger_path, readonly=True)
-    except LedgerError as exc:
-        print(f"status: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    try:
-        dataset = ledger.get_meta("dataset_id")
-        print(f"ledger: {config.ledger_path}")
-        print(f"dataset: {config.dataset_name} (id {dataset or 'not resolved yet'})")
-        counts = ledger.counts()
-        columns = states.STATES
-        width = max([len("category"), *(len(c) for c in counts)])
-        print(f"{'category':<{width}}  " + "  ".join(f"{c:>9}" for c in columns))
-        totals = dict.fromkeys(columns, 0)
-        for category in sorted(counts):
-            row = counts[category]
-            for c in columns:
-                totals[c] += row.get(c, 0)
-            print(f"{category:<{width}}  " + "  ".join(f"{row.get(c, 0):>9}" for c in columns))
-        print(f"{'total':<{width}}  " + "  ".join(f"{totals[c]:>9}" for c in columns))
-        ledger.only_roots(str(Path(os.path.abspath(f))) for f in config.folders)  # noqa: PTH100
-        for root, kept in sorted(ledger.kept_counts().items()):
-            print(f"kept: {kept} files under {root}, no longer in folders: not sent")
-        _report_ruled_out(config, ledger)
-        for rejected in ledger.rejected()[:50]:
-            print(f"rejected: {rejected.rel_path}: {rejected.reason}")
-        print(
-            f"uploads since the last training: {ledger.uploads_since_last_training()} "
-            f"(threshold {config.training_threshold}, action {config.model_action})"
-        )
-        last = ledger.last_training()
-        if last is None:
-            print("last training: none")
-        else:
-            detail = f" ({last.reason})" if last.reason else ""
-            print(f"last training: {last.name} (task {last.task_id or '?'}): {last.state}{detail}")
-    finally:
-        ledger.close()
     return EXIT_OK

@@ -23,7 +23,7 @@ from paiv_sync.api import MviClient, as_int, newest, wire_name
 from paiv_sync.config import Config
 from paiv_sync.errors import MviError
 from paiv_sync.images import inspect_image
-from paiv_sync.layout import Layout
+from paiv_sync.layout import layout_for
 from paiv_sync.ledger import Ledger, LedgerError
 from paiv_sync.pipeline import make_client
 from paiv_sync.retry import RetryPolicy
@@ -93,17 +93,10 @@ def _open_ledger(config: Config) -> Ledger | None:
 
 def _plan_disk(config: Config, ledger: Ledger | None) -> dict[str, _Category]:
     """Walk the folders: each file's fate by its ledger row, or by reading it."""
-    layout = Layout(
-        config.folders,
-        recursive=config.recursive,
-        categories=config.categories,
-        extensions=config.extensions,
-        ignore=config.ignore,
-    )
+    layout = layout_for(config)
     plan: dict[str, _Category] = {}
     seen: dict[str, set[str]] = {}  # category -> contents met in this walk
     for root in layout.roots:
-        layout.rules.load(str(root))
         for found in scan(layout, root, follow_symlinks=config.follow_symlinks):
             where = found.location
             entry = plan.setdefault(where.category, _Category())

@@ -1,8 +1,10 @@
 """Optional health and metrics endpoints: ``/healthz`` and Prometheus ``/metrics``.
 
-Served on a loopback port by a small threaded werkzeug server. ``/healthz`` answers 200 while
-observer, pipeline and upload workers are healthy (the same test as the systemd watchdog) and 503
-with the reason otherwise. ``/metrics`` is rendered by ``prometheus_client`` from the ledger and
+Served on a loopback port by a small threaded werkzeug server. ``/livez`` (and its old name
+``/healthz``) answers 200 while observer, pipeline and upload workers work (the same test as the
+systemd watchdog) and 503 with the reason otherwise; ``/readyz`` answers 200 while the service can
+do its job (started, working, the server reachable, the ledger writable) and 503 with every
+reason otherwise. ``/metrics`` is rendered by ``prometheus_client`` from the ledger and
 the service at scrape time, so nothing is counted twice and nothing is held in memory between
 scrapes.
 """
@@ -51,6 +53,8 @@ class Observed(Protocol):
     def last_upload_time(self) -> float | None: ...
 
     def healthy(self) -> tuple[bool, str]: ...
+
+    def readiness(self) -> list[str]: ...
 
 
 class ServiceCollector(Collector):
@@ -167,14 +171,20 @@ class HealthServer:
         if path == "/metrics":
             result: Iterable[bytes] = self._metrics_app(environ, start_response)
             return result
-        if path == "/healthz":
+        if path in ("/livez", "/healthz"):
             healthy, why = self._service.healthy()
             body: dict[str, Any] = {"status": "ok" if healthy else "unhealthy", "reason": why}
             response = Response(
                 json.dumps(body), status=200 if healthy else 503, mimetype="application/json"
             )
+        elif path == "/readyz":
+            reasons = self._service.readiness()
+            body = {"status": "not ready" if reasons else "ready", "reasons": reasons}
+            response = Response(
+                json.dumps(body), status=503 if reasons else 200, mimetype="application/json"
+            )
         else:
             response = Response(
-                "not found: try /healthz or /metrics\n", status=404, mimetype="text/plain"
+                "not found: try /livez, /readyz or /metrics\n", status=404, mimetype="text/plain"
             )
         return response(environ, start_response)

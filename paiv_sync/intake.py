@@ -72,7 +72,8 @@ class Intake:
     otherwise; ``between_slices()`` runs after each slice of settled files is recorded (the
     service hands full batches to the upload workers there, while the rest is still read).
     ``thresholds_apply``: whether files wait for the upload threshold (not under ``--once``);
-    only what is logged for a new file depends on it.
+    only what is logged for a new file depends on it. ``scanning(root, files)`` is told how
+    far a scan of a root has come, every few thousand files.
     """
 
     def __init__(
@@ -92,6 +93,7 @@ class Intake:
         pending_counts: Callable[[], dict[str, int]],
         changed: Callable[[], None],
         between_slices: Callable[[], None],
+        scanning: Callable[[Path, int], None] | None = None,
     ) -> None:
         self.config = config
         self.layout = layout
@@ -107,6 +109,7 @@ class Intake:
         self._pending_counts = pending_counts
         self._changed = changed
         self._between_slices = between_slices
+        self._scanning = scanning
         self._warned: set[str] = set()
 
     # -- hints ---------------------------------------------------------------------------
@@ -212,6 +215,8 @@ class Intake:
             for count, item in enumerate(found, start=1):
                 if count % 4096 == 0:
                     self._beats.loop()  # a long scan is progress too
+                    if self._scanning is not None:
+                        self._scanning(root, count)
                 yield item
 
         def lookup(rel: str) -> reconcile.Recorded | None:

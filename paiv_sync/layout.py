@@ -12,8 +12,12 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from paiv_sync.ignore import ARTEFACTS, IgnoreRules, artefact
+
+if TYPE_CHECKING:
+    from paiv_sync.config import Config
 
 __all__ = [
     "DEFAULT_EXTENSIONS",
@@ -31,6 +35,7 @@ __all__ = [
     "ignored_skip",
     "is_ignored_name",
     "is_undecodable",
+    "layout_for",
     "rule_skip",
     "shown",
 ]
@@ -281,3 +286,17 @@ class Layout:
                 return rule_skip(rule)
         folder = parts[0]
         return Location(root, rel_path, folder, self.categories.get(folder, folder))
+
+
+def layout_for(config: Config) -> Layout:
+    """The layout ``config`` describes, its roots' .paivignore files read."""
+    layout = Layout(
+        config.folders,
+        recursive=config.recursive,
+        categories=config.categories,
+        extensions=config.extensions,
+        ignore=config.ignore,
+    )
+    for root in layout.roots:
+        layout.rules.load(str(root))
+    return layout

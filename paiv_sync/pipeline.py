@@ -29,7 +29,7 @@ from paiv_sync.connection import Connection
 from paiv_sync.dispatcher import Dispatcher
 from paiv_sync.heartbeats import Heartbeats
 from paiv_sync.intake import Intake
-from paiv_sync.layout import Layout, Location
+from paiv_sync.layout import Layout, Location, layout_for
 from paiv_sync.ledger import Ledger, LedgerWriteError
 from paiv_sync.ledgerhold import LEDGER_GIVE_UP, LedgerHold
 from paiv_sync.progress import ProgressCounter
@@ -129,6 +129,7 @@ class Pipeline:
         stop_event: threading.Event,
         clock: Callable[[], float],
         progress: ProgressCounter | None,
+        scanning: Callable[[Path, int], None] | None = None,
     ) -> None:
         self.config = config
         self.ledger = ledger
@@ -139,6 +140,7 @@ class Pipeline:
         self.summary = summary
         self.stop_event = stop_event
         self.progress = progress
+        self._scanning = scanning
         self.clock = clock
         self.lost = threading.Event()  # set by an upload worker: reconnect / re-resolve
         self.trainer_wake = threading.Event()
@@ -225,15 +227,8 @@ class Pipeline:
 
     def _intake_for(self, config: Config) -> tuple[Layout, StabilityGate[Location], Intake]:
         """Layout, gate and intake for ``config`` (built anew at a reload)."""
-        layout = Layout(
-            config.folders,
-            recursive=config.recursive,
-            categories=config.categories,
-            extensions=config.extensions,
-            ignore=config.ignore,
-        )
-        for root in layout.roots:
-            layout.rules.load(str(root))  # before any event is taken: the scan loads again
+        # The .paivignore files are read before any event is taken (each scan reads again).
+        layout = layout_for(config)
         gate: StabilityGate[Location] = StabilityGate(
             config.settle_time, self.clock, wall=time.time, path_of=lambda where: where.path
         )
@@ -252,6 +247,7 @@ class Pipeline:
             pending_counts=self.dispatcher.pending_counts,
             changed=self.dispatcher.changed,
             between_slices=self._between_slices,
+            scanning=self._scanning,
         )
         return layout, gate, intake
 

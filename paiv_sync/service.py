@@ -49,6 +49,10 @@ Notify = Callable[[str], None]
 
 # Seconds between two updates of systemd's STATUS= line.
 _STATUS_EVERY = 5.0
+# While a scan runs: seconds between two notes of how far it has come, and the start
+# timeout extension each one asks systemd for (longer than the time until the next).
+_SCAN_NOTE_EVERY = 5.0
+_SCAN_EXTENSION = 60.0
 
 
 def _no_notify(_message: str) -> None:
@@ -108,6 +112,7 @@ class Service:
         self._next_status = 0.0
         self._status_text = ""
         self._reload_note = ""  # said in the status line after a rejected reload
+        self._next_scan_note = 0.0
 
     # -- public --------------------------------------------------------------------------
 
@@ -188,6 +193,22 @@ class Service:
             return False, "the file watcher is not running"
         return self.beats.verdict()
 
+    def readiness(self) -> list[str]:
+        """Why the service cannot do its job now (empty when it can): not started, not
+        healthy, the server unreachable, the ledger refusing writes."""
+        pipeline = self._pipeline
+        if pipeline is None or not self.ready.is_set():
+            return ["starting: the start-up scan is not done"]
+        reasons: list[str] = []
+        ok, why = self.healthy()
+        if not ok:
+            reasons.append(why)
+        if not self.connected:
+            reasons.append(f"the server at {self.config.base_url} is not reachable")
+        if pipeline.hold.down:
+            reasons.append(f"the ledger {self.config.ledger_path} cannot be written")
+        return reasons
+
     def status_line(self) -> str:
         """One line for systemd's STATUS=: pending and uploaded counts, training state."""
         ledger = self.ledger
@@ -226,6 +247,7 @@ class Service:
                 stop_event=self.stop_event,
                 clock=self._clock,
                 progress=self._progress,
+                scanning=self._scanning,
             )
         except BaseException:
             ledger.close()
@@ -278,6 +300,19 @@ class Service:
             if pinger is not None:
                 pinger.join(timeout=5)
         return 1 if pipeline.hold.fatal else 0
+
+    def _scanning(self, root: Path, files: int) -> None:
+        """A scan's progress: in the status line; before READY, more time to start too."""
+        now = self._clock()
+        if now < self._next_scan_note:
+            return
+        self._next_scan_note = now + _SCAN_NOTE_EVERY
+        message = f"STATUS=scanning {root}: {files} files so far"
+        if not self.ready.is_set():
+            # A start-up scan of a million files outlasts systemd's start timeout: each note
+            # asks for a little longer than the time until the next one.
+            message += f"\nEXTEND_TIMEOUT_USEC={int(_SCAN_EXTENSION * 1_000_000)}"
+        self._notify(message)
 
     def _between_turns(self, pipeline: Pipeline) -> None:
         if self._reload_requested.is_set():

@@ -629,8 +629,7 @@ class Uploader:
         dataset_id = self.dataset_id
         if dataset_id is None:
             return 0
-        categories = {c.get("name"): c.get("_id") for c in self.client.list_categories(dataset_id)}
-        category_id = categories.get(category)
+        category_id = self.client.find_category(dataset_id, category)
         if category_id is None:
             return 0  # the dataset has no such category yet: nothing to clash with
         pending = self.ledger.pending(category)

@@ -151,6 +151,15 @@ def test_once_uploads_everything_then_nothing_twice(emulator: Emulator, tree: Pa
     assert status.returncode == 0
     forest = next(line for line in status.stdout.splitlines() if line.startswith("forest"))
     assert forest.split()[3] == "3"  # uploaded
+    as_json = paiv("status", "--config", str(config), "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    facts = json.loads(as_json.stdout)
+    assert facts["categories"]["forest"]["uploaded"] == 3
+    assert facts["categories"]["city"]["uploaded"] == 2
+    assert facts["totals"]["uploaded"] == 5 and facts["totals"]["pending"] == 0
+    assert facts["dataset"]["name"] == "cli" and facts["dataset"]["id"]
+    assert facts["rejected"] == [] and facts["kept"] == {}
+    assert set(facts["training"]) == {"uploads_since_last", "threshold", "action", "last"}
 
 
 def test_once_exits_1_when_the_server_is_unreachable(tree: Path) -> None:
@@ -657,3 +666,23 @@ def test_ctrl_c_during_once_exits_130(tree: Path) -> None:
                 connection.close()
     assert proc.returncode == 130, err
     assert "received SIGINT; stopping" in err
+
+
+def test_a_restart_lists_the_datasets_categories_once_not_once_each(
+    emulator: Emulator, tree: Path
+) -> None:
+    names = [f"cat{i}" for i in range(6)]
+    for i, name in enumerate(names):
+        write_image(tree / name / "a.png", i)
+    config = write_config(tree.parent / "configuration.json", base_config(emulator, tree))
+    assert paiv("--config", str(config), "--once").returncode == 0
+    for i, name in enumerate(names):
+        write_image(tree / name / "b.png", 100 + i)
+    before = emulator.state()["requests"].get("GET /datasets/{id}/categories", 0)
+    again = paiv("--config", str(config), "--once")
+    assert again.returncode == 0, again.stderr
+    assert server_count(emulator) == 12
+    listings = emulator.state()["requests"].get("GET /datasets/{id}/categories", 0) - before
+    # Before: one listing per category for the duplicate check and one per category again
+    # to find its id (12 here; 400 with 200 categories).
+    assert listings == 1

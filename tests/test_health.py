@@ -113,12 +113,24 @@ def test_an_outage_met_by_an_upload_shows_in_the_metrics_and_its_end_too(
                 write_image(root / "forest" / "b.png", 2)
                 wait_until(lambda: emulator.state()["faults"]["error"] >= 2, timeout=15)
                 down = metrics()
+                live = http.get(f"{health.url}/livez", timeout=5)
+                ready = http.get(f"{health.url}/readyz", timeout=5)
                 emulator.set_faults(FaultOptions())
                 wait_until(lambda: server_count(emulator) == 2, timeout=30)
                 wait_until(lambda: "paiv_sync_server_connected 1.0" in metrics(), timeout=10)
+                ready_again = http.get(f"{health.url}/readyz", timeout=5)
         finally:
             health.stop()
     assert "paiv_sync_server_connected 0.0" in down
+    # The process works (live), but cannot do its job (not ready), and says why.
+    assert live.status_code == 200 and live.json()["status"] == "ok"
+    assert ready.status_code == 503
+    assert ready.json()["status"] == "not ready"
+    assert any("is not reachable" in reason for reason in ready.json()["reasons"])
+    assert ready_again.status_code == 200 and ready_again.json() == {
+        "status": "ready",
+        "reasons": [],
+    }
     retried = [line for line in down.splitlines() if line.startswith("paiv_sync_retries_total")]
     assert retried and any('operation="upload"' in line for line in retried), down
 

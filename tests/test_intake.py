@@ -318,3 +318,34 @@ def test_ignore_patterns_and_paivignore_files_keep_files_out(root: Path) -> None
         }
     finally:
         made.ledger.close()
+
+
+def test_a_long_scan_says_how_far_it_has_come(root: Path) -> None:
+    made = _make(root)
+    told: list[tuple[Path, int]] = []
+    made.intake._scanning = lambda where, files: told.append((where, files))
+    try:
+        folder = root / "forest"
+        for i in range(4100):
+            (folder / f"{i}.png").write_bytes(b"")
+        assert made.intake.scan_root(made.root) == 4100
+    finally:
+        made.ledger.close()
+    assert told == [(made.root, 4096)]
+
+
+def test_scan_notes_ask_systemd_for_time_until_ready(root: Path) -> None:
+    from paiv_sync.service import Service
+
+    config = _make(root)
+    config.ledger.close()
+    notes: list[str] = []
+    service = Service(config.intake.config, notify=notes.append)
+    service._scanning(root, 4096)
+    service.ready.set()
+    service._next_scan_note = 0.0
+    service._scanning(root, 8192)
+    assert notes == [
+        f"STATUS=scanning {root}: 4096 files so far\nEXTEND_TIMEOUT_USEC=60000000",
+        f"STATUS=scanning {root}: 8192 files so far",
+    ]

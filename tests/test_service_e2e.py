@@ -60,9 +60,9 @@ def test_below_threshold_stays_pending_and_status_reports_it(
         # Quiet time passes many times over: still below the threshold, nothing is sent.
         threading.Event().wait(config.quiet_time * 3)
         assert server_count(emulator) == 0
-    from paiv_sync.cli import _status
+    from paiv_sync.status import status_command
 
-    assert _status(config) == 0
+    assert status_command(config) == 0
     out = capsys.readouterr().out
     forest = next(line for line in out.splitlines() if line.startswith("forest"))
     assert forest.split()[1:3] == ["3", "0"]  # pending 3, uploading 0
