@@ -98,7 +98,7 @@ SKIP_UNDECODABLE = Skip(
 def is_undecodable(name: str) -> bool:
     """Tell whether a name read from the disk holds bytes that are not UTF-8.
 
-    Python reads such bytes as lone surrogates (``"caf\udce9.png"``), which neither SQLite
+    Python reads such bytes as lone surrogates (``"caf\\udce9.png"``), which neither SQLite
     nor an HTTP header can carry. ASCII names, almost all of them, are answered at once.
     """
     if name.isascii():

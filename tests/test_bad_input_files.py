@@ -6,6 +6,7 @@ what the server holds (``emulator.state()``), what the ledger says and the line 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -751,7 +752,10 @@ def test_rows_of_an_older_ledger_get_their_ctime_and_inode_at_the_first_scan(
     path.write_bytes(old)
     config = cfg(emulator, root)
     assert Service(config, once=True, retry=FAST_RETRY).run() == 0
-    with sqlite3.connect(config.ledger_path) as db:  # as a ledger of an earlier version has them
+    with (
+        contextlib.closing(sqlite3.connect(config.ledger_path)) as db,
+        db,
+    ):  # as a ledger of an earlier version has them
         db.execute("UPDATE files SET ctime_ns = NULL, inode = NULL")
     assert Service(config, once=True, retry=FAST_RETRY).run() == 0  # size and mtime decide
     assert server_count(emulator) == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -420,7 +421,7 @@ def test_a_ledger_of_an_earlier_version_is_kept_by_its_configuration(
     (ledger,) = state.glob("configuration-*.ledger.sqlite3")
     legacy = state / "configuration.ledger.sqlite3"
     ledger.rename(legacy)
-    with sqlite3.connect(legacy) as db:
+    with contextlib.closing(sqlite3.connect(legacy)) as db, db:
         db.execute("DELETE FROM meta WHERE key = 'config_path'")
     db.close()
     b = write_image(root1 / "forest" / "b.png", 2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 import sqlite3
 import subprocess
@@ -384,7 +385,7 @@ def test_a_ledger_of_an_earlier_version_gains_ctime_and_inode(tmp_path: Path) ->
     path = tmp_path / "l.sqlite3"
     legacy = L._SCHEMA.replace("    ctime_ns       INTEGER,\n    inode          INTEGER,\n", "")
     assert "ctime_ns" not in legacy
-    with sqlite3.connect(path) as db:
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
         db.executescript(legacy)
         db.execute(
             "INSERT INTO files (root, rel_path, category, upload_name, size, mtime_ns, sha256, "

@@ -8,6 +8,7 @@ in both composed and decomposed form, and non-Latin scripts.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 from pathlib import Path
 
@@ -18,10 +19,10 @@ TRAPS = ["a", "a-b", "a.b", "a b", "ab", "A", "a0", "é", "e\u0301", "日本", "
 
 
 def _sqlite_order(paths: list[str]) -> list[str]:
-    db = sqlite3.connect(":memory:")
-    db.execute("CREATE TABLE files (rel_path TEXT PRIMARY KEY)")
-    db.executemany("INSERT INTO files VALUES (?)", [(p,) for p in paths])
-    return [row[0] for row in db.execute("SELECT rel_path FROM files ORDER BY rel_path")]
+    with contextlib.closing(sqlite3.connect(":memory:")) as db:
+        db.execute("CREATE TABLE files (rel_path TEXT PRIMARY KEY)")
+        db.executemany("INSERT INTO files VALUES (?)", [(p,) for p in paths])
+        return [row[0] for row in db.execute("SELECT rel_path FROM files ORDER BY rel_path")]
 
 
 def _tree(root: Path) -> set[str]:
